@@ -1,0 +1,54 @@
+"""The dataset manifest: one parquet row per sample and one per failure, built from the stats files.
+
+The stats files are the source of truth (written atomically with each shard); the manifest is a
+derived index for humans and tools, rebuilt whenever a job finishes or resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .writer import list_shards, read_stats, recover
+
+MANIFEST = "manifest.parquet"
+FAILURES = "failures.parquet"
+
+_MANIFEST_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("key", pa.string()), ("image_id", pa.string()), ("source", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("segments", pa.int32()), ("texts", pa.int32()),
+])
+_FAILURE_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("stage", pa.string()),
+                             ("error", pa.string())])
+
+
+def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``manifest.parquet`` and ``failures.parquet`` for every committed shard in ``out_dir``."""
+    out_dir = Path(out_dir)
+    recover(out_dir)
+    rows, failures = [], []
+    for tar in list_shards(out_dir):
+        stats = read_stats(tar)
+        rows.extend({"shard": stats.shard, **{k: row[k] for k in _MANIFEST_SCHEMA.names[1:]}} for row in stats.keys)
+        failures.extend({"shard": stats.shard, **f} for f in stats.failures)
+    manifest = out_dir / MANIFEST
+    failed = out_dir / FAILURES
+    _write_atomic(pa.Table.from_pylist(rows, schema=_MANIFEST_SCHEMA), manifest)
+    _write_atomic(pa.Table.from_pylist(failures, schema=_FAILURE_SCHEMA), failed)
+    return manifest, failed
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def read_manifest(out_dir: str | Path) -> pa.Table:
+    return pq.read_table(Path(out_dir) / MANIFEST)
+
+
+def read_failures(out_dir: str | Path) -> pa.Table:
+    return pq.read_table(Path(out_dir) / FAILURES)

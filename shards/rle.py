@@ -1,0 +1,95 @@
+"""COCO RLE helpers on pycocotools, safe for any number of masks.
+
+Masks stay RLE (``{"size": [h, w], "counts": str}``) from the segmenter to the trainer's data
+workers; pixels are materialised only where they are needed. pycocotools does the work; these
+wrappers only fix its sharp edges: ``counts`` as ``str`` (JSON-able) rather than ``bytes``, Fortran
+order on encode, and ``mask.area``/``toBbox`` overflowing on lists of more than 255 RLEs (chunked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+RLE = dict[str, Any]
+_CHUNK = 255  # pycocotools' area/toBbox raise OverflowError on longer lists
+
+
+def _to_coco(rles: Sequence[RLE]) -> list[dict]:
+    return [{"size": list(r["size"]), "counts": r["counts"].encode() if isinstance(r["counts"], str) else r["counts"]}
+            for r in rles]
+
+
+def _to_json(rle: dict) -> RLE:
+    counts = rle["counts"]
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def encode(masks: np.ndarray) -> list[RLE]:
+    """Encode boolean masks ``(N, H, W)`` (or one ``(H, W)``) to JSON-able RLEs."""
+    masks = np.asarray(masks)
+    single = masks.ndim == 2
+    if single:
+        masks = masks[None]
+    if masks.shape[0] == 0:
+        return []
+    fortran = np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))
+    out = [_to_json(r) for r in mask_utils.encode(fortran)]
+    return out
+
+
+def encode_one(mask: np.ndarray) -> RLE:
+    return encode(np.asarray(mask)[None])[0]
+
+
+def decode(rles: Sequence[RLE] | RLE) -> np.ndarray:
+    """Decode RLEs to a boolean array ``(N, H, W)``; a single RLE dict gives ``(H, W)``."""
+    if isinstance(rles, dict):
+        return mask_utils.decode(_to_coco([rles])[0]).astype(bool)
+    if len(rles) == 0:
+        return np.zeros((0, 0, 0), dtype=bool)
+    return mask_utils.decode(_to_coco(rles)).transpose(2, 0, 1).astype(bool)
+
+
+def area(rles: Sequence[RLE]) -> np.ndarray:
+    """Pixel areas as int64, chunked around pycocotools' 255-RLE overflow."""
+    coco = _to_coco(rles)
+    parts = [np.asarray(mask_utils.area(coco[i:i + _CHUNK]), dtype=np.int64) for i in range(0, len(coco), _CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def bbox(rles: Sequence[RLE]) -> np.ndarray:
+    """Tight boxes ``[x, y, w, h]`` as float64 ``(N, 4)``, chunked like :func:`area`."""
+    coco = _to_coco(rles)
+    parts = [np.asarray(mask_utils.toBbox(coco[i:i + _CHUNK]), dtype=np.float64).reshape(-1, 4)
+             for i in range(0, len(coco), _CHUNK)]
+    return np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.float64)
+
+
+def iou(a: Sequence[RLE], b: Sequence[RLE]) -> np.ndarray:
+    """Mask IoU matrix ``(len(a), len(b))`` computed on the RLEs (no pixels)."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), dtype=np.float64)
+    out = mask_utils.iou(_to_coco(a), _to_coco(b), [0] * len(b))
+    return np.asarray(out, dtype=np.float64).reshape(len(a), len(b))
+
+
+def from_polygons(polygons: list[list[float]], height: int, width: int) -> RLE:
+    """A COCO polygon list (one object, possibly several parts) to one merged RLE."""
+    parts = mask_utils.frPyObjects(polygons, height, width)
+    return _to_json(mask_utils.merge(parts))
+
+
+def from_coco_segmentation(segmentation: Any, height: int, width: int) -> RLE:
+    """Any COCO ``segmentation`` (polygons, uncompressed RLE, compressed RLE) to a compressed RLE."""
+    if isinstance(segmentation, list):
+        return from_polygons(segmentation, height, width)
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        return _to_json(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str | bytes):
+        return _to_json(segmentation)
+    raise ValueError(f"unsupported COCO segmentation of type {type(segmentation).__name__}")
