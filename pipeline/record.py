@@ -1,0 +1,88 @@
+"""The row that flows between pipeline stages (the contract between sources, model stages and writer).
+
+Ray Data batches are ``dict[str, np.ndarray]`` (``batch_format="numpy"``) with three columns:
+
+- ``key``: the sample key (``shards.make_key``), str.
+- ``image``: the original image bytes (written to the shard unchanged), bytes.
+- ``record``: a JSON string of :class:`Record`: everything known about the image so far.
+
+Pixels are decoded once per stage actor batch from ``image`` only by stages that need them (see
+``pipeline.images.decode``); masks are COCO RLE from the segmenter on. A stage never raises for
+one bad image: it sets ``record.failure`` and later stages pass that record through untouched, so
+that the writer records it as a failure with its stage and reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Phrase:
+    """A referring expression and where it came from (``llava:<prompt>``, ``caption:coco``, ``vg``...)."""
+
+    text: str
+    source: str
+    caption: str = ""
+
+
+@dataclass
+class Box:
+    """A box prompt for SAM in absolute pixels of the EXIF-oriented image, ``[x0, y0, x1, y1]``."""
+
+    xyxy: list[float]
+    text: str
+    source: str
+    score: float = 1.0
+
+
+@dataclass
+class Failure:
+    stage: str
+    error: str
+
+
+@dataclass
+class Record:
+    source: str
+    image_id: str
+    width: int = 0
+    height: int = 0
+    image_ext: str = "jpg"
+    file_name: str = ""
+    captions: list[dict[str, str]] = field(default_factory=list)  # [{text, source}]
+    phrases: list[Phrase] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    segments: list[dict[str, Any]] = field(default_factory=list)  # shards Segment dicts (rle, bbox, area, texts, score)
+    failure: Failure | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, s: str) -> Record:
+        d = json.loads(s)
+        d["phrases"] = [Phrase(**p) for p in d.get("phrases", [])]
+        d["boxes"] = [Box(**b) for b in d.get("boxes", [])]
+        d["failure"] = Failure(**d["failure"]) if d.get("failure") else None
+        return cls(**d)
+
+    def fail(self, stage: str, error: str | BaseException) -> None:
+        """Mark the record failed at ``stage`` (the first failure wins)."""
+        if self.failure is None:
+            msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            self.failure = Failure(stage=stage, error=msg)
+
+
+def records_of(batch: dict[str, np.ndarray]) -> list[Record]:
+    return [Record.from_json(str(s)) for s in batch["record"]]
+
+
+def with_records(batch: dict[str, np.ndarray], records: list[Record]) -> dict[str, np.ndarray]:
+    out = dict(batch)
+    out["record"] = np.array([r.to_json() for r in records], dtype=object)
+    return out
