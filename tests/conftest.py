@@ -1,0 +1,52 @@
+"""Shared fixtures: the synthetic dataset and shards of it, the real sample data when present."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (tiny_models, synth_shards)
+
+from pipeline import synth  # noqa: E402
+from synth_shards import write_synth_shards  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("USE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+SYNTH_IMAGES = 48  # 40 for training, 8 held out
+SYNTH_TRAIN_IDS = list(range(1, 41))
+SYNTH_VAL_IDS = list(range(41, 49))
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """The synthetic dataset (COCO instances + captions, semantic layout) with 48 images, seed 0."""
+    return synth.generate(tmp_path_factory.mktemp("synth"), SYNTH_IMAGES, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_dir, tmp_path_factory) -> Path:
+    """Shards of the 40 training images of the synthetic dataset: 5 shards of 8 samples."""
+    return write_synth_shards(synth_dir, tmp_path_factory.mktemp("synth_shards"), SYNTH_TRAIN_IDS, max_samples=8)
+
+
+@pytest.fixture(scope="session")
+def synth_val_shards(synth_dir, tmp_path_factory) -> Path:
+    """Shards of the 8 held-out images of the synthetic dataset (1 shard)."""
+    return write_synth_shards(synth_dir, tmp_path_factory.mktemp("synth_val"), SYNTH_VAL_IDS, max_samples=8)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real sample data); tests that need it skip only when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared sample data not found at {SHARED_DATA}")
+    return SHARED_DATA
