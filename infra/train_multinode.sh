@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Launch USE training on one node of a multi-node job with torchrun's c10d rendezvous.
+# Run the same command on every node (or let SLURM do it: `srun infra/train_multinode.sh ...`).
+#
+#   NNODES=4 NPROC=8 HEAD=10.0.0.1 infra/train_multinode.sh --config trainer/configs/vitl14.yaml \
+#       --shards /data/use/coco --output /data/use/runs/vitl14 --resume
+#
+# NNODES (default: SLURM_NNODES or 1), NPROC (default: GPUs on this node, else 1),
+# HEAD (rendezvous host; default: first host of SLURM_JOB_NODELIST, else localhost), PORT (29500),
+# JOB_ID (rendezvous id; default: SLURM_JOB_ID or "use-train").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,9p' "$0"; exit 0; fi
+NNODES=${NNODES:-${SLURM_NNODES:-1}}
+NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+[[ "$NPROC" -gt 0 ]] || NPROC=1
+if [[ -z "${HEAD:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
+  HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+fi
+HEAD=${HEAD:-localhost}
+PORT=${PORT:-29500}
+JOB_ID=${JOB_ID:-${SLURM_JOB_ID:-use-train}}
+PY=${PY:-.venv/bin/python}
+echo "[train] nodes=$NNODES procs/node=$NPROC rendezvous=$HEAD:$PORT id=$JOB_ID" >&2
+exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
+  --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --rdzv_id="$JOB_ID" \
+  -m trainer train "$@"
