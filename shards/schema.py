@@ -122,6 +122,7 @@ def _segment(s: Any, i: int, h: int, w: int) -> Segment:
     _expect(isinstance(s, dict), f"{where} must be an object")
     for name in ("id", "rle", "bbox", "area", "texts"):
         _expect(name in s, f"{where} missing field {name!r}")
+    _expect(isinstance(s["id"], int) and not isinstance(s["id"], bool), f"{where}.id must be an integer")
     rle = s["rle"]
     _expect(isinstance(rle, dict) and "size" in rle and "counts" in rle, f"{where}.rle must have size and counts")
     _expect(isinstance(rle["counts"], str), f"{where}.rle.counts must be a compressed RLE string")
