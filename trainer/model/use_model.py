@@ -1,0 +1,181 @@
+"""The USE segment embedding model: frozen backbones, trainable multi-level merge and segment head.
+
+Merge (paper: "multi-level feature merging", LLN + patch scales): every configured level ``l``
+(``clip.k`` / ``dino.k``, already on the common grid) goes through its own LLN -- ``LayerNorm`` then a
+learnable ``Linear(C_l, hidden_dim)`` -- and is multiplied by a trainable scalar patch scale
+``a_l``; the levels are summed: ``merged = sum_l a_l * LLN_l(f_l)``, ``[B, 1 + G*G, hidden]`` with
+the merged cls token at index 0. Patch scales start at ``1 / n_levels`` (an average of the
+levels); a scalar per level is our reading of "patch scale parameters" (*open* in the paper).
+
+Segment head: ``pooled_s = sum_p w[s, p] * merged[b(s), 1 + p]`` with ``w`` the area weights
+(:mod:`trainer.model.area_weights`), computed for all segments of the batch in one ``bmm`` over
+per-image padded weight blocks (no loop over segments, no ``[S, G*G, hidden]`` copy). With
+``use_cls`` the image's merged cls token is *concatenated* to ``pooled_s`` before the linear head
+(``Linear(2 * hidden, embed_dim)``), so the head learns per dimension how much global context to
+mix in; adding it instead would force the same map on both (the paper only says the global feature
+is included and helps). Output: L2-normalised ``[S, embed_dim]`` in CLIP's joint space.
+
+Trainable: LLNs, patch scales, head, ``logit_scale``. ``save_pretrained`` writes ``config.json`` and
+``model.safetensors`` with only those; the backbones are rebuilt from the config on load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbones import FrozenBackbones
+from .config import ModelConfig
+from .transforms import ImageTransform
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MAX_LOGIT_SCALE = 100.0  # as CLIP: the temperature is clamped at 1/100
+
+
+class LLN(nn.Module):
+    """Linear layer normalisation: ``Linear(LayerNorm(x))``, both learnable."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
+def pool_segments(patches: torch.Tensor, weights: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """Area-weighted patch average for every segment: ``[B, P, D]``, ``[S, P]``, ``[S]`` -> ``[S, D]``.
+
+    Segments are laid out per image into a zero-padded ``[B, S_max, P]`` block (slot = rank of the
+    segment among its image's segments, found with one stable sort) and multiplied with the patches
+    in a single ``bmm``.
+    """
+    b, p, d = patches.shape
+    s = weights.shape[0]
+    if s == 0:
+        return patches.new_zeros(0, d)
+    image_index = image_index.to(device=patches.device, dtype=torch.long)
+    counts = torch.bincount(image_index, minlength=b)
+    order = torch.argsort(image_index, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(image_index)
+    slot[order] = torch.arange(s, device=patches.device) - starts[image_index[order]]
+    block = patches.new_zeros(b, int(counts.max()), p)
+    block[image_index, slot] = weights.to(patches.dtype)
+    return torch.bmm(block, patches)[image_index, slot]
+
+
+class USEModel(nn.Module):
+    """Universal segment embeddings on frozen CLIP + DINOv2 features."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.backbones = FrozenBackbones(config.resolved())
+        self.config: ModelConfig = self.backbones.config
+        self.grid: int = self.backbones.grid
+        self.transform = ImageTransform(self.config)
+        dims = self.backbones.level_dims()
+        self.level_keys: list[str] = list(dims)
+        hidden = self.config.hidden_dim
+        self.lln = nn.ModuleDict({k.replace(".", "_"): LLN(c, hidden) for k, c in dims.items()})
+        self.patch_scales = nn.Parameter(torch.full((len(dims),), 1.0 / len(dims)))
+        self.head = nn.Linear(hidden * (2 if self.config.use_cls else 1), int(self.config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(float(self.config.init_logit_scale)))
+
+    # --- features -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def backbone_features(self, pixels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Frozen multi-level features ``{key: [B, 1 + G*G, C]}`` (what the feature cache stores)."""
+        return self.backbones(pixels)
+
+    def merge(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sum_l a_l * LLN_l(f_l)`` -> ``[B, 1 + G*G, hidden]`` (cls at 0). Accepts fp16 cached features."""
+        dtype = self.head.weight.dtype
+        merged = None
+        for i, key in enumerate(self.level_keys):
+            y = self.lln[key.replace(".", "_")](features[key].to(dtype)) * self.patch_scales[i]
+            merged = y if merged is None else merged + y
+        return merged
+
+    def segment_embeddings(self, features: dict[str, torch.Tensor], area_weights: torch.Tensor,
+                           image_index: torch.Tensor) -> torch.Tensor:
+        """L2-normalised ``[S, embed_dim]``; ``area_weights [S, G*G]``, ``image_index [S]`` into the batch."""
+        merged = self.merge(features)
+        pooled = pool_segments(merged[:, 1:], area_weights, image_index)
+        if self.config.use_cls:
+            cls = merged[:, 0][image_index.to(device=merged.device, dtype=torch.long)]
+            pooled = torch.cat([pooled, cls], dim=-1)
+        return F.normalize(self.head(pooled), dim=-1)
+
+    def forward(self, pixels_or_features: dict[str, torch.Tensor], area_weights: torch.Tensor,
+                image_index: torch.Tensor, return_logit_scale: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Segment embeddings from pixels (``{"clip", "dino"}``) or from backbone features.
+
+        Under DDP call the wrapped model (this ``forward``), not ``segment_embeddings`` on
+        ``.module``, so gradient synchronisation hooks run. ``return_logit_scale`` also returns
+        :meth:`logit_scale_exp`, as open_clip's CLIP does.
+        """
+        features = pixels_or_features
+        if set(features) <= {"clip", "dino"}:
+            features = self.backbone_features(features)
+        emb = self.segment_embeddings(features, area_weights, image_index)
+        return (emb, self.logit_scale_exp()) if return_logit_scale else emb
+
+    def logit_scale_exp(self) -> torch.Tensor:
+        """``exp(logit_scale)`` clamped at 100 (gradient stops above the clamp, like CLIP's clamp)."""
+        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Frozen CLIP text embeddings ``[T, embed_dim]``, L2-normalised."""
+        return self.backbones.encode_text(texts)
+
+    # --- parameters and io ----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> USEModel:
+        super().train(mode)
+        self.backbones.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbones.")]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights only (what ``model.safetensors`` and checkpoints hold)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbones.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load trainable weights strictly: every key must exist and none may be missing."""
+        own = self.trainable_state_dict()
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        if missing or unexpected:
+            raise KeyError(f"trainable weights mismatch: missing={sorted(missing)} unexpected={sorted(unexpected)}")
+        self.load_state_dict(state, strict=False)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> USEModel:
+        """Rebuild from ``config.json`` (backbones from their named weights) and load the safetensors."""
+        src = Path(directory)
+        config = ModelConfig.from_dict(json.loads((src / CONFIG_NAME).read_text()))
+        model = cls(config)
+        model.load_trainable_state_dict(load_file(str(src / WEIGHTS_NAME), device=str(map_location)))
+        return model.to(map_location)
