@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI: subprocess ranks and Ray workers must not oversubscribe
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (tiny_models, synth_shards)
 
