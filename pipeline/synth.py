@@ -119,7 +119,7 @@ def generate(out: str | Path, n_images: int, seed: int = 0) -> Path:
         classes = rng.choice(len(SHAPES), size=n_obj, replace=False)
         spots = _place(rng, w, h, n_obj)
         objs = []
-        for k, (cls, (cx, cy, r)) in enumerate(zip(classes, spots, strict=False)):
+        for cls, (cx, cy, r) in zip(classes, spots, strict=False):
             sc = SHAPES[int(cls)]
             # round first so that the stored polygon rasterises to exactly the painted mask
             poly = [round(v, 2) for v in _polygon(sc.shape, cx, cy, r, float(rng.uniform(0, math.pi / 4)))]

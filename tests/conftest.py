@@ -16,8 +16,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI: subprocess ranks and
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (tiny_models, synth_shards)
 
-from pipeline import synth  # noqa: E402
 from synth_shards import write_synth_shards  # noqa: E402
+
+from pipeline import synth  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("USE_SHARED_DATA", ROOT.parent / "shared" / "data"))
