@@ -1,0 +1,41 @@
+"""A plain image folder: every image file under a directory tree, no annotations.
+
+The image id is the file's path relative to the folder (so keys are stable across machines);
+sizes come from the image itself when it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline.record import Record
+from shards import make_key
+
+from .base import Source, SourceError, item
+
+
+class FolderSource(Source):
+    kind = "folder"
+
+    def __init__(self, name: str, images: str = "", extensions: list[str] | None = None, limit: int = 0,
+                 **_: Any):
+        super().__init__(name, images)
+        if self.images is None or not self.images.is_dir():
+            raise SourceError(f"a folder source needs source.images to be a directory, got {images!r}")
+        self.extensions = {e.lower() if e.startswith(".") else f".{e.lower()}"
+                           for e in (extensions or [".jpg", ".jpeg", ".png", ".webp"])}
+        self.limit = limit
+
+    def plan(self) -> Iterator[dict[str, str]]:
+        n = 0
+        for path in sorted(self.images.rglob("*")):
+            if path.suffix.lower() not in self.extensions or not path.is_file():
+                continue
+            rel = path.relative_to(self.images).as_posix()
+            rec = Record(source=self.name, image_id=rel, file_name=rel,
+                         image_ext=path.suffix.lstrip(".").lower())
+            yield item(make_key(self.name, rel), path, rec)
+            n += 1
+            if self.limit and n >= self.limit:
+                return

@@ -1,0 +1,68 @@
+"""Visual Genome: ``image_data.json`` + ``region_descriptions.json`` -> box-phrase prompts for SAM.
+
+Region boxes are given as ``x, y, width, height`` in the stored image's pixels; they become
+``record.boxes`` (``xyxy`` absolute, clipped to the image, phrase as text, source = dataset name)
+that the segmenter turns into masks. Image files are found under ``images/`` either flat or in the
+release's ``VG_100K/`` and ``VG_100K_2/`` folders (the folder is taken from the image URL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+from pipeline.record import Box, Record
+from shards import make_key
+
+from .base import Source, SourceError, item
+from .schemas import VgImage, VgImageRegions, load_json, validate_list
+
+
+class VgSource(Source):
+    kind = "vg"
+
+    def __init__(self, name: str, images: str = "", annotations: str = "", regions: str = "",
+                 limit: int = 0, **_: Any):
+        super().__init__(name, images)
+        if self.images is None or not annotations or not regions:
+            raise SourceError("a VG source needs source.images, source.annotations (image_data.json) "
+                              "and source.regions (region_descriptions.json)")
+        self.annotations, self.regions, self.limit = annotations, regions, limit
+
+    def plan(self) -> Iterator[dict[str, str]]:
+        images = validate_list(load_json(self.annotations, "VG image_data"), VgImage, self.annotations)
+        regions = validate_list(load_json(self.regions, "VG region_descriptions"), VgImageRegions, self.regions)
+        by_image: dict[str, list[dict[str, Any]]] = {}
+        for r in regions:
+            by_image.setdefault(str(r.image_id), []).extend(
+                {"phrase": g.phrase, "x": g.x, "y": g.y, "w": g.width, "h": g.height} for g in r.regions)
+        nested = (self.images / "VG_100K").is_dir() or (self.images / "VG_100K_2").is_dir()
+        seen: set[str] = set()
+        for im in images[: self.limit] if self.limit else images:
+            image_id = str(im.image_id)
+            if image_id in seen:
+                raise SourceError(f"{self.annotations}: image id {image_id} is listed twice")
+            seen.add(image_id)
+            url = PurePosixPath(im.url) if im.url else PurePosixPath(f"{image_id}.jpg")
+            rel = f"{url.parent.name}/{url.name}" if nested and url.parent.name else url.name
+            rec = Record(source=self.name, image_id=image_id, width=im.width, height=im.height,
+                         file_name=rel, image_ext=url.suffix.lstrip(".").lower() or "jpg")
+            ann = {"kind": self.kind, "source": self.name, "regions": by_image.get(image_id, [])}
+            yield item(make_key(self.name, image_id), self.images / rel, rec, ann)
+        all_ids = {str(i.image_id) for i in images}
+        for image_id in sorted(set(by_image) - all_ids):
+            rec = Record(source=self.name, image_id=image_id)
+            rec.fail("source", f"{len(by_image[image_id])} regions point to image id {image_id}, "
+                               f"which is not in {self.annotations}")
+            yield item(make_key(self.name, image_id), None, rec)
+
+    @staticmethod
+    def materialize(record: Record, ann: dict[str, Any]) -> None:
+        w, h = record.width, record.height
+        for g in ann.get("regions", []):
+            text = " ".join(str(g["phrase"]).split())
+            x0, y0 = max(0.0, float(g["x"])), max(0.0, float(g["y"]))
+            x1, y1 = min(float(w), float(g["x"]) + float(g["w"])), min(float(h), float(g["y"]) + float(g["h"]))
+            if text and x1 - x0 >= 1 and y1 - y0 >= 1:
+                record.boxes.append(Box(xyxy=[x0, y0, x1, y1], text=text, source=ann["source"]))

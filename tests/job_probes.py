@@ -1,0 +1,54 @@
+"""Stand-in stages for job tests: plugged in with ``impl.<stage>=job_probes:Class`` (no model code).
+
+They exercise the job's scheduling and fault paths the way real stages would: ``DeviceProbe``
+records the ``CUDA_VISIBLE_DEVICES`` Ray gave its actor (in a file per actor under
+``$USE_PROBE_DIR`` and as a caption on each row it handles); ``SlowProbe`` makes a job last long
+enough to be killed mid-run; ``FlakyProbe`` raises for some rows to test row-by-row isolation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.record import records_of, with_records
+
+
+class DeviceProbe:
+    def __init__(self, config):
+        self.tag = type(config).__name__
+        self.devices = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        probe_dir = os.environ.get("USE_PROBE_DIR")
+        if probe_dir:
+            Path(probe_dir, f"{self.tag}-{os.getpid()}.txt").write_text(self.devices)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = records_of(batch)
+        for r in records:
+            r.captions.append({"text": f"{self.tag} cuda={self.devices}", "source": "probe"})
+        return with_records(batch, records)
+
+
+class SlowProbe:
+    def __init__(self, config):
+        self.delay = float(os.environ.get("USE_PROBE_DELAY", "0.1"))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(self.delay * len(batch["key"]))
+        return batch
+
+
+class FlakyProbe:
+    """Raises on any batch that holds a key ending in ``_3`` (so only that row should fail)."""
+
+    def __init__(self, config):
+        pass
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bad = [str(k) for k in batch["key"] if str(k).endswith("_3")]
+        if bad:
+            raise RuntimeError(f"probe refuses {bad}")
+        return batch

@@ -1,0 +1,55 @@
+"""Job configs: every shipped YAML loads, dotted overrides compose, mistakes name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, apply_override, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pipeline" / "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_loads():
+    names = {p.stem: load_config(p) for p in CONFIGS}
+    assert {"coco", "vg", "folder", "coco-annotations", "demo"} <= set(names)
+    assert names["coco-annotations"].enabled_stages() == [] and names["demo"].enabled_stages() == []
+    for full in ("coco", "vg", "folder"):
+        assert names[full].enabled_stages() == ["captioner", "phrases", "grounder", "segmenter"]
+        assert all(getattr(names[full], s).num_cpus <= 1 for s in names[full].enabled_stages())
+    assert names["vg"].source.kind == "vg" and names["demo"].source.dataset == "synth"
+
+
+def test_dotted_overrides_parse_yaml_values_and_compose():
+    cfg = load_config("pipeline/configs/coco.yaml", [
+        "shards.max_samples=100", "grounder.box_threshold=0.3", "captioner.enabled=false",
+        "source.extensions=[.png]", "captioner.prompts={scene: Describe it.}", "ray.address="])
+    assert cfg.shards.max_samples == 100 and cfg.grounder.box_threshold == 0.3
+    assert cfg.enabled_stages() == ["phrases", "grounder", "segmenter"]
+    assert cfg.source.extensions == [".png"] and cfg.captioner.prompts == {"scene": "Describe it."}
+    d: dict = {}
+    apply_override(d, "a.b.c=1")
+    assert d == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize("override, words", [
+    ("shards.max_samples=0", "shards.max_samples"),
+    ("grounder.box_thresh=0.3", "grounder.box_thresh"),
+    ("nms.iou_threshold=2", "nms.iou_threshold"),
+    ("impl.painter=x:Y", "unknown stages"),
+    ("no_equals_sign", "key.path=value"),
+    ("shards.prefix.x=1", "not a section"),
+])
+def test_mistakes_name_the_key(override, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        load_config("pipeline/configs/demo.yaml", [override])
+
+
+def test_a_stage_section_in_yaml_is_on_unless_it_says_otherwise(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("segmenter:\n  model: some/sam\ngrounder:\n  enabled: false\n")
+    assert load_config(p).enabled_stages() == ["segmenter"]
+    p.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
