@@ -11,7 +11,6 @@ into uninitialised memory), bbox and area against the mask, non-empty texts, and
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from . import rle
 from .schema import ALLOWED_EXTENSIONS, IMAGE_EXTENSIONS, SampleMeta, SchemaError, is_valid_key
-from .writer import list_shards, stats_path
+from .writer import file_sha256, list_shards, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +328,7 @@ def _check_stats(path: Path, keys: list[str], counts: dict[str, tuple[int, int]]
         return
     if stats.get("shard") != path.name:
         report(NO_KEY, f"stats file names shard {stats.get('shard')!r}, not {path.name!r}")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if stats.get("sha256") != digest:
         report(NO_KEY, f"sha256 of the tar ({digest[:12]}...) differs from the stats file's "
                        f"({str(stats.get('sha256'))[:12]}...): the tar changed after it was written")
@@ -346,10 +345,3 @@ def _check_stats(path: Path, keys: list[str], counts: dict[str, tuple[int, int]]
             report(key, f"stats file says {row.get('segments')} segments / {row.get('texts')} texts, the JSON "
                         f"has {n_segments} / {n_texts}")
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

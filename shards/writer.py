@@ -127,7 +127,7 @@ class ShardWriter:
         self._file.close()
         final = self.out_dir / self._stats.shard
         tmp = _tmp(final)
-        self._stats.sha256 = _sha256(tmp)
+        self._stats.sha256 = file_sha256(tmp)
         self._stats.created = time.time()
         st_final = stats_path(final)
         st_tmp = _tmp(st_final)
@@ -171,7 +171,7 @@ class ShardWriter:
         return self._stats
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

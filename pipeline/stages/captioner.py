@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.models import resolve
 from pipeline.record import Record, records_of, with_records
 
-from .common import chunks, decode_pending, load_error, pick_device, pick_dtype
+from .common import chunks, decode_pending, load_model
 from .config import CaptionerConfig
 
 log = logging.getLogger(__name__)
@@ -35,15 +34,7 @@ class Captioner:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         self.config = config if isinstance(config, CaptionerConfig) else CaptionerConfig.model_validate(config)
-        path = resolve(self.config.model, self.config.models_dir)
-        self.device = pick_device(self.config)
-        self.dtype = pick_dtype(self.config, self.device)
-        try:
-            self.processor = AutoProcessor.from_pretrained(path)
-            self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
-        except Exception as e:
-            raise load_error(STAGE, self.config.model, e) from e
-        self.model.to(self.device).eval()
+        self.processor, self.model, self.device, self.dtype = load_model(STAGE, self.config, AutoProcessor, LlavaForConditionalGeneration)
         tok = self.processor.tokenizer
         tok.padding_side = "left"
         if tok.pad_token is None:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline.images import decode
+from pipeline.models import resolve
 from pipeline.record import Record
 
 from .config import ModelStageConfig
@@ -59,6 +60,24 @@ def decode_pending(batch: dict[str, np.ndarray], records: Sequence[Record], stag
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def load_model(stage: str, config: ModelStageConfig, processor_cls: Any, model_cls: Any) -> tuple[Any, Any, torch.device, torch.dtype]:
+    """Resolve the weights on disk and load ``(processor, model, device, dtype)`` once per actor.
+
+    Missing weights raise :class:`pipeline.models.ModelNotFoundError` naming the download command;
+    any other load failure is re-raised naming the stage and the model (a config error stops the job).
+    """
+    path = resolve(config.model, config.models_dir)
+    device = pick_device(config)
+    dtype = pick_dtype(config, device)
+    try:
+        processor = processor_cls.from_pretrained(path)
+        model = model_cls.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise load_error(stage, config.model, e) from e
+    model.to(device).eval()
+    return processor, model, device, dtype
 
 
 def load_error(stage: str, spec: str, error: BaseException) -> RuntimeError:

@@ -28,10 +28,9 @@ import torch
 from PIL import Image
 
 from pipeline.images import size_of
-from pipeline.models import resolve
 from pipeline.record import Box, Record, records_of, with_records
 
-from .common import chunks, decode_pending, load_error, pick_device, pick_dtype
+from .common import chunks, decode_pending, load_model
 from .config import GrounderConfig
 
 log = logging.getLogger(__name__)
@@ -55,15 +54,7 @@ class Grounder:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         self.config = config if isinstance(config, GrounderConfig) else GrounderConfig.model_validate(config)
-        path = resolve(self.config.model, self.config.models_dir)
-        self.device = pick_device(self.config)
-        self.dtype = pick_dtype(self.config, self.device)
-        try:
-            self.processor = AutoProcessor.from_pretrained(path)
-            self.model = GroundingDinoForObjectDetection.from_pretrained(path, dtype=self.dtype)
-        except Exception as e:
-            raise load_error(STAGE, self.config.model, e) from e
-        self.model.to(self.device).eval()
+        self.processor, self.model, self.device, self.dtype = load_model(STAGE, self.config, AutoProcessor, GroundingDinoForObjectDetection)
         self.tokenizer = self.processor.tokenizer
         self.max_tokens = min(self.config.max_text_tokens, self.model.config.max_text_len,
                               self.model.config.text_config.max_position_embeddings)

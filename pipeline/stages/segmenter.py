@@ -26,11 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.models import resolve
 from pipeline.record import Record, records_of, with_records
 from shards import rle as rle_utils
 
-from .common import chunks, decode_pending, load_error, pick_device, pick_dtype
+from .common import chunks, decode_pending, load_model
 from .config import SegmenterConfig
 
 log = logging.getLogger(__name__)
@@ -44,15 +43,7 @@ class Segmenter:
         from transformers import SamModel, SamProcessor
 
         self.config = config if isinstance(config, SegmenterConfig) else SegmenterConfig.model_validate(config)
-        path = resolve(self.config.model, self.config.models_dir)
-        self.device = pick_device(self.config)
-        self.dtype = pick_dtype(self.config, self.device)
-        try:
-            self.processor = SamProcessor.from_pretrained(path)
-            self.model = SamModel.from_pretrained(path, dtype=self.dtype)
-        except Exception as e:
-            raise load_error(STAGE, self.config.model, e) from e
-        self.model.to(self.device).eval()
+        self.processor, self.model, self.device, self.dtype = load_model(STAGE, self.config, SamProcessor, SamModel)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
