@@ -124,8 +124,9 @@ def bench_overhead(tmp: Path) -> list[str]:
     t = time.perf_counter()
     out = finalize_batch(batch, nms=True, iou_threshold=0.8, min_segments=1)
     steps["mask NMS + segment ids"] = time.perf_counter() - t
+    writer_cls = shards.ShardWriter  # import it (webdataset pulls in torch, seconds) outside the timing
     t = time.perf_counter()
-    with shards.ShardWriter(tmp / "shards", max_samples=16) as w:
+    with writer_cls(tmp / "shards", max_samples=16) as w:
         for key, image, rec in zip(out["key"], out["image"], out["record"], strict=True):
             r = Record.from_json(rec)
             meta = SampleMeta.from_dict({"schema_version": 1, "key": key, "image_id": r.image_id, "source": r.source,
