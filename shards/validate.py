@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import rle
+from .rle import rle_counts
 from .schema import ALLOWED_EXTENSIONS, IMAGE_EXTENSIONS, SampleMeta, SchemaError, is_valid_key
 from .writer import file_sha256, list_shards, stats_path
 
@@ -34,7 +35,6 @@ NO_KEY = "-"  # the key column of a problem that concerns a whole shard or direc
 _BLOCK = tarfile.BLOCKSIZE
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
 MAX_MEMBER_BYTES = 1 << 28  # 256 MiB: no image or JSON is larger; a bigger member is not read into memory
-_MAX_RLE_DIGITS = 7  # 35 bits per count: far above any image's pixel count
 _STATS_NAME = re.compile(r"^(?P<stem>.+)\.stats\.json$")
 
 
@@ -274,41 +274,6 @@ def _check_segments(meta: SampleMeta, report) -> None:
             report(f"{where}: area {s.area} but the mask has {int(a)} pixels")
         if np.abs(np.asarray(s.bbox) - box).max() > 1.0:
             report(f"{where}: bbox {_fmt(s.bbox)} but the mask's box is {_fmt(box)} (more than 1 px apart)")
-
-
-def rle_counts(counts: str) -> np.ndarray:
-    """The run lengths of a COCO compressed RLE string, parsed strictly (``ValueError`` if malformed).
-
-    The inverse of pycocotools' ``rleToString``: 5 bits per character (offset 48), bit 0x20 means
-    another character follows, bit 0x10 of the last one is the sign, and runs after the third are
-    stored as deltas to the run two before. Vectorised with numpy: one call per segment.
-    """
-    try:
-        c = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
-    except UnicodeEncodeError as e:
-        raise ValueError("counts has non-ASCII characters") from e
-    if c.size == 0:
-        raise ValueError("counts is empty")
-    if (c < 0).any() or (c > 63).any():
-        raise ValueError("counts has characters outside the RLE alphabet ('0'..'o')")
-    more = (c & 0x20) != 0
-    if more[-1]:
-        raise ValueError("counts ends in the middle of a number")
-    last = np.flatnonzero(~more)  # index of each number's last character
-    starts = np.concatenate([[0], last[:-1] + 1])
-    lengths = last - starts + 1
-    if lengths.max() > _MAX_RLE_DIGITS:
-        raise ValueError("counts holds a number too large for any image")
-    digit = np.arange(c.size) - np.repeat(starts, lengths)
-    x = np.add.reduceat((c & 0x1F) << (5 * digit), starts)
-    negative = (c[last] & 0x10) != 0
-    x = np.where(negative, x - (np.int64(1) << (5 * lengths)), x)
-    runs = x.copy()
-    runs[1::2] = np.cumsum(x[1::2])  # runs[j] = x[j] + runs[j-2] for j > 2
-    runs[2::2] = np.cumsum(x[2::2])
-    if (runs < 0).any():
-        raise ValueError("counts has a negative run length")
-    return runs
 
 
 def _fmt(box) -> str:
