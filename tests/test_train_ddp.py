@@ -52,5 +52,6 @@ def test_two_process_ddp(synth_shards, tmp_path):
     print("max parameter difference across ranks:", summary["rank_param_max_diff"])
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
     assert summary["rank_param_max_diff"] == 0.0
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # curves drawn by rank 0
     model = USEModel.from_pretrained(out / "final")
     assert model.grid == 8

@@ -14,7 +14,7 @@ run that had no such event.
 
 Outputs under ``OUTPUT/``: ``train_config.yaml``, ``metrics.jsonl`` (one line per step, rank 0),
 ``tensorboard/``, ``checkpoints/step-*/`` (see :mod:`trainer.checkpoint`), ``final/`` (the model via
-``save_pretrained``), and with ``log_keys`` ``keys/rank{R}.txt`` (which samples each rank saw).
+``save_pretrained``), ``training.png`` (curves, :mod:`trainer.plots`), and with ``log_keys`` ``keys/rank{R}.txt`` (which samples each rank saw).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .config import OptimConfig, TrainConfig
 from .data import SKIP, FeatureCacheReader, SampleProcessor, check_enough_shards, make_loader, steps_per_epoch
 from .distributed import DistInfo, all_sum, all_true, barrier, cleanup, init_distributed, rank_divergence
 from .model import ModelConfig, SegmentTextLoss, USEModel, area_weights_from_rle, text_ids
+from .plots import plot_metrics
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,11 @@ class Trainer:
             final = self.model.save_pretrained(self.output / "final")
             (self.output / "summary.json").write_text(json.dumps(summary, indent=1))
             log.info("final model written to %s (%d steps, %d skipped)", final, self.step, self.skipped)
+            try:
+                log.info("training curves in %s", plot_metrics(self.output / "metrics.jsonl",
+                                                               self.output / "training.png"))
+            except ValueError as e:  # e.g. every step skipped: nothing to draw, the run itself is fine
+                log.warning("no training curves: %s", e)
         barrier()
         return summary
 
