@@ -23,14 +23,14 @@ from pipeline import synth  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("USE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
-SYNTH_IMAGES = 48  # 40 for training, 8 held out
+SYNTH_IMAGES = 64  # 40 for training, 24 held out
 SYNTH_TRAIN_IDS = list(range(1, 41))
-SYNTH_VAL_IDS = list(range(41, 49))
+SYNTH_VAL_IDS = list(range(41, 65))
 
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    """The synthetic dataset (COCO instances + captions, semantic layout) with 48 images, seed 0."""
+    """The synthetic dataset (COCO instances + captions, semantic layout) with 64 images, seed 0."""
     return synth.generate(tmp_path_factory.mktemp("synth"), SYNTH_IMAGES, seed=0)
 
 
@@ -42,7 +42,7 @@ def synth_shards(synth_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_val_shards(synth_dir, tmp_path_factory) -> Path:
-    """Shards of the 8 held-out images of the synthetic dataset (1 shard)."""
+    """Shards of the 24 held-out images of the synthetic dataset (3 shards)."""
     return write_synth_shards(synth_dir, tmp_path_factory.mktemp("synth_val"), SYNTH_VAL_IDS, max_samples=8)
 
 

@@ -64,6 +64,6 @@ def test_synth_shards_fixture(synth_shards, synth_val_shards):
     assert len(keys) == 40 and len(set(keys)) == 40
     assert len(shards.list_shards(synth_shards)) == 5
     val = list(shards.iter_samples(synth_val_shards))
-    assert len(val) == 8 and not set(keys) & {s.key for s in val}
+    assert len(val) == 24 and not set(keys) & {s.key for s in val}
     for s in val:
         assert all(seg.texts[0].text in synth.CLASSES for seg in s.meta.segments)

@@ -1,7 +1,7 @@
 """The trained model names held-out segments: top-1 among all class texts, far above chance.
 
 Tiny random frozen backbones, trained on the 40 training images of the synthetic dataset (six
-classes, each a distinct colour and shape: chance is 1/6), evaluated on the 8 held-out images:
+classes, each a distinct colour and shape: chance is 1/6), evaluated on the 24 held-out images:
 every segment of them is embedded and assigned to the closest class-name text embedding.
 """
 
