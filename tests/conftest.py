@@ -21,7 +21,16 @@ from synth_shards import write_synth_shards  # noqa: E402
 from pipeline import synth  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("USE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+def _find_shared_data() -> Path:
+    """``$USE_SHARED_DATA``, else ``../shared/data`` beside the checkout, else the workplace's copy."""
+    if os.environ.get("USE_SHARED_DATA"):
+        return Path(os.environ["USE_SHARED_DATA"])
+    candidates = [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED_DATA = _find_shared_data()
 
 SYNTH_IMAGES = 64  # 40 for training, 24 held out
 SYNTH_TRAIN_IDS = list(range(1, 41))
