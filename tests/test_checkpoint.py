@@ -119,3 +119,14 @@ def test_latest_resolution_and_pruning(tmp_path):
     assert resolve_checkpoint(tmp_path, None) is None
     with pytest.raises(FileNotFoundError):
         resolve_checkpoint(tmp_path, str(tmp_path / "nope"))
+
+
+def test_optimizer_saved_for_another_grouping_is_refused(tmp_path):
+    """Optimizer state is indexed by position over the groups: a regrouping must not load silently."""
+    net, opt = _trained()
+    path = save_checkpoint(tmp_path, net, opt, {"step": 3}, INFO)
+    other = Net()
+    params = [p for p in other.parameters() if p.requires_grad]
+    regrouped = torch.optim.AdamW([{"params": params[2:]}, {"params": params[:2]}], lr=1e-2)
+    with pytest.raises(ValueError, match="other parameters"):
+        load_checkpoint(path, other, regrouped, INFO)

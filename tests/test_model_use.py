@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
@@ -56,7 +57,11 @@ def test_only_lln_scales_head_and_temperature_train(model: USEModel) -> None:
     names = [n for n, _ in model.named_trainable_parameters()]
     assert all(n.split(".")[0] in {"lln", "patch_scales", "head", "logit_scale"} for n in names)
     assert {"patch_scales", "logit_scale", "head.weight"} <= set(names)
-    assert len(model.lln) == len(model.config.clip_layers) + len(model.config.dino_layers)
+    n_levels = len(model.config.clip_layers) + len(model.config.dino_layers)
+    assert len(model.lln) == n_levels and model.patch_scales.shape == (n_levels,)
+    for key in model.lln:  # each LLN: a learnable LayerNorm (affine) and a learnable linear map
+        assert {f"lln.{key}.{p}" for p in ("norm.weight", "norm.bias", "proj.weight", "proj.bias")} <= set(names)
+    assert len(names) == 4 * n_levels + 4  # + patch_scales, head.weight, head.bias, logit_scale: nothing else
     assert all(not p.requires_grad for p in model.backbones.parameters())
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.trainable_parameters()}
 
@@ -203,3 +208,57 @@ def test_configs_resolve_without_weights() -> None:
         ModelConfig.from_dict({"clip": {}})
     with pytest.raises(ValueError):
         ModelConfig.from_dict({"clip_layers": [0]})
+
+
+def test_embeddings_follow_the_method(config: ModelConfig) -> None:
+    """The model's output against the method written out by hand, segment by segment: per level
+    LayerNorm then Linear (LLN), times that level's patch scale, summed; each segment's area-weighted
+    patch average (a loop) next to its image's cls token; the linear head; L2 normalisation."""
+    m = USEModel(config)
+    with torch.no_grad():  # away from the init so that a mixed-up scale or a skipped norm shows
+        for p in m.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    m.eval()
+    feats = m.backbone_features(_pixels(m, 3))
+    weights, idx = _segments(m.grid, (2, 0, 3))
+    merged = 0
+    for i, key in enumerate(m.level_keys):
+        lln = m.lln[key.replace(".", "_")]
+        normed = F.layer_norm(feats[key], (feats[key].shape[-1],), lln.norm.weight, lln.norm.bias, lln.norm.eps)
+        merged = merged + m.patch_scales[i] * (normed @ lln.proj.weight.T + lln.proj.bias)
+    ref = []
+    for s in range(weights.shape[0]):
+        b = int(idx[s])
+        pooled = sum(weights[s, q] * merged[b, 1 + q] for q in range(m.grid * m.grid))
+        z = torch.cat([pooled, merged[b, 0]]) @ m.head.weight.T + m.head.bias
+        ref.append(z / z.norm())
+    torch.testing.assert_close(m(feats, weights, idx), torch.stack(ref), atol=1e-5, rtol=1e-4)
+
+
+def test_levels_are_block_outputs_before_the_final_norm(model: USEModel) -> None:
+    """``clip.k`` / ``dino.k`` are the outputs of block k (1-based), run here block by block, and
+    the last level is taken before the final norm: that norm applied to it gives the towers' own
+    outputs (CLIP's image embedding through ln_post + proj, DINOv2's last_hidden_state)."""
+    px = _pixels(model)
+    feats = model.backbone_features(px)
+    visual, dino = model.backbones.clip.visual, model.backbones.dino
+    with torch.no_grad():
+        x = visual._embeds(px["clip"])
+        assert visual.transformer.batch_first
+        for k, block in enumerate(visual.transformer.resblocks, start=1):
+            x = block(x)
+            if k in model.config.clip_layers:
+                torch.testing.assert_close(feats[f"clip.{k}"], x)  # CLIP's grid is the common grid
+        last = feats[f"clip.{len(visual.transformer.resblocks)}"]
+        torch.testing.assert_close(visual.ln_post(last[:, 0]) @ visual.proj, model.backbones.clip.encode_image(px["clip"]))
+
+        h = dino.embeddings(px["dino"])
+        side = px["dino"].shape[-1] // dino.config.patch_size
+        for k, layer in enumerate(dino.encoder.layer, start=1):
+            h = layer(h)
+            h = h[0] if isinstance(h, tuple) else h
+            if k in model.config.dino_layers:
+                torch.testing.assert_close(feats[f"dino.{k}"][:, 0], h[:, 0])
+                torch.testing.assert_close(feats[f"dino.{k}"][:, 1:], _to_grid(h[:, 1:], side, model.grid))
+        last = feats[f"dino.{dino.config.num_hidden_layers}"][:, 0]
+        torch.testing.assert_close(dino.layernorm(last), dino(pixel_values=px["dino"]).last_hidden_state[:, 0])

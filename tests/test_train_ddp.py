@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from train_helpers import DEMO, FAST, ROOT, losses
 
+from trainer.distributed import rank_divergence
 from trainer.model import USEModel
 
 STEPS = 10  # 40 images / (4 x 2 ranks) = 5 steps per epoch: two epochs
@@ -35,8 +40,12 @@ def test_two_process_ddp(synth_shards, tmp_path):
 
     per_rank: dict[int, dict[int, set[str]]] = {}
     for rank in (0, 1):
-        for line in (out / "keys" / f"rank{rank}.txt").read_text().splitlines():
+        lines = (out / "keys" / f"rank{rank}.txt").read_text().splitlines()
+        # equal step counts (a rank that ran dry would hang the other), full batches on both
+        assert [int(line.split()[0]) for line in lines] == list(range(1, STEPS + 1)), rank
+        for line in lines:
             step, epoch, *keys = line.split()
+            assert len(keys) == 4, (rank, step)
             per_rank.setdefault(rank, {}).setdefault(int(epoch), set()).update(keys)
     for epoch in (0, 1):
         a, b = per_rank[0][epoch], per_rank[1][epoch]
@@ -55,3 +64,25 @@ def test_two_process_ddp(synth_shards, tmp_path):
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # curves drawn by rank 0
     model = USEModel.from_pretrained(out / "final")
     assert model.grid == 8
+
+
+def _divergence_worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        same = [torch.arange(6.0).view(2, 3), torch.tensor(1.5)]
+        differ = [torch.arange(6.0).view(2, 3), torch.tensor(1.5 + 0.25 * rank)]
+        result = torch.tensor([rank_divergence(same), rank_divergence(differ)])
+    finally:
+        dist.destroy_process_group()
+    torch.save({"result": result}, Path(out) / f"rank{rank}.pt")
+
+
+def test_rank_divergence_sees_a_difference(tmp_path):
+    """The figure the DDP test relies on: 0 only when the ranks hold the same values."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_divergence_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in (0, 1):
+        same, differ = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["result"].tolist()
+        assert same == 0.0 and differ == pytest.approx(0.25), rank

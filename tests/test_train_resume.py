@@ -14,7 +14,7 @@ STEPS = 6
 
 
 def test_resume_gives_the_same_weights(synth_shards, tmp_path):
-    overrides = [f"steps={STEPS}", "data.workers=2", "checkpoint_every=100"]
+    overrides = [f"steps={STEPS}", "data.workers=2", "checkpoint_every=100", "log_keys=true"]
     whole = tmp_path / "whole"
     train(config(*overrides), synth_shards, whole, device="cpu")
 
@@ -24,6 +24,11 @@ def test_resume_gives_the_same_weights(synth_shards, tmp_path):
     assert not (split / "final").exists()
     second = train(config(*overrides), synth_shards, split, resume="latest", device="cpu")
     assert second["steps"] == STEPS
+
+    # the data position: the resumed run trains on exactly the batches the uninterrupted one did
+    keys_whole = (whole / "keys" / "rank0.txt").read_text().splitlines()
+    keys_split = (split / "keys" / "rank0.txt").read_text().splitlines()
+    assert len(keys_whole) == STEPS and keys_split == keys_whole
 
     a, b = losses(whole), losses(split)
     print("losses in one go:", [round(x, 5) for x in a])

@@ -106,7 +106,7 @@ def _valid_cache(path: Path, fp: str) -> bool:
 def cache_features(cfg: TrainConfig, shards_dir: str | Path, out_dir: str | Path | None = None,
                    batch_size: int = 32, device: str | None = None) -> list[Path]:
     """Write the feature cache of every shard (this rank's share); returns the files written or found."""
-    from .train import build_model
+    from .train import autocast_for, build_model
 
     info = init_distributed(device)
     model = build_model(cfg).to(info.device).eval()
@@ -116,7 +116,6 @@ def cache_features(cfg: TrainConfig, shards_dir: str | Path, out_dir: str | Path
     out.mkdir(parents=True, exist_ok=True)
     urls = shards.shard_urls(shards_dir)
     mine = urls[info.rank::info.world_size]
-    use_bf16 = info.device.type == "cuda" and cfg.precision in ("auto", "bf16")
     done: list[Path] = []
     for url in mine:
         path = cache_path(out, url)
@@ -132,7 +131,9 @@ def cache_features(cfg: TrainConfig, shards_dir: str | Path, out_dir: str | Path
                 if sample is not None:
                     batch.append(sample)
                 if batch and (sample is None or len(batch) == batch_size):
-                    n += _write_batch(model, batch, writer, dtype, info.device, use_bf16)
+                    # the same precision as training from images
+                    n += _write_batch(model, batch, writer, dtype, info.device,
+                                      autocast_for(info.device, cfg.precision))
                     batch = []
             meta = {"fingerprint": fp, "dtype": cfg.cache_dtype, "grid": str(model.grid), "samples": str(n),
                     "shard": Path(url).name, "model_config": json.dumps(model.config.to_dict())}
@@ -146,10 +147,10 @@ def cache_features(cfg: TrainConfig, shards_dir: str | Path, out_dir: str | Path
 
 
 def _write_batch(model, batch: list[shards.ShardSample], writer: StreamingSafetensorsWriter,
-                 dtype: torch.dtype, device: torch.device, use_bf16: bool) -> int:
+                 dtype: torch.dtype, device: torch.device, autocast) -> int:
     pixels = [model.transform(s.image()) for s in batch]
     stacked = {k: torch.stack([p[k] for p in pixels]).to(device) for k in pixels[0]}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.no_grad(), autocast:
         feats = model.backbone_features(stacked)
     for i, s in enumerate(batch):
         for level, f in feats.items():

@@ -59,6 +59,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names in the optimizer's own order (group by group), which is how its state is indexed."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def optimizer_to_flat(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """Split ``optimizer.state_dict()`` into tensors (``state.{i}.{field}``) and JSON-able structure."""
     sd = optimizer.state_dict()
@@ -131,7 +137,7 @@ def save_checkpoint(output: str | Path, model: torch.nn.Module, optimizer: torch
     if info.is_master:
         params = trainable_state(model)
         _save_tensors(params, tmp / "model.safetensors")
-        opt_tensors, opt_meta = optimizer_to_flat(optimizer, list(params))
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer, optimizer_param_names(model, optimizer))
         _save_tensors(opt_tensors, tmp / "optimizer.safetensors", opt_meta)
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "world_size": info.world_size}, indent=1))
     barrier()
@@ -190,8 +196,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             p.copy_(weights[name])
     if optimizer is not None:
         tensors, structure = _load_tensors(path / "optimizer.safetensors")
-        if structure["param_names"] != list(params):
-            raise ValueError(f"{path}: optimizer was saved for other parameters")
+        if structure["param_names"] != optimizer_param_names(model, optimizer):  # state is indexed by position
+            raise ValueError(f"{path}: optimizer was saved for other parameters or another grouping of them")
         sd = optimizer_from_flat(tensors, structure)
         optimizer.load_state_dict(sd)
     if restore_rng:

@@ -92,7 +92,8 @@ def make_processor(cfg: TrainConfig, model: USEModel, shards_dir: Path) -> Sampl
                            area_weights_from_rle=area_weights_from_rle, cache=cache)
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast for ``precision="bf16"``, or ``"auto"`` on CUDA; a no-op context otherwise (fp32)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return contextlib.nullcontext()
@@ -165,7 +166,7 @@ class Trainer:
         with torch.no_grad():
             text_emb = self.model.encode_text(batch["texts"]).float()
         self.model.train()
-        with _autocast(self.device, self.cfg.precision):
+        with autocast_for(self.device, self.cfg.precision):
             seg_emb, scale = self.ddp(moved["inputs"], moved["area_weights"], moved["image_index"],
                                       return_logit_scale=True)
         loss = self.loss_fn(seg_emb.float(), text_emb, scale.float(), text_ids=text_ids(batch["texts"]))
