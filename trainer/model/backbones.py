@@ -62,12 +62,17 @@ def _build_dino(cfg: ModelConfig) -> nn.Module:
 
 
 def _to_grid(tokens: torch.Tensor, side: int, grid: int) -> torch.Tensor:
-    """Patch tokens ``[B, side*side, C]`` -> ``[B, grid*grid, C]`` (bilinear on the patch map)."""
+    """Patch tokens ``[B, side*side, C]`` -> ``[B, grid*grid, C]`` (bilinear on the patch map).
+
+    Antialiased: going down (DINOv2's 37x37 onto CLIP's 24x24) each output patch averages the input
+    patches under its area, as the segment area weights on that grid assume, instead of sampling
+    points between them. Going up it is plain bilinear.
+    """
     if side == grid:
         return tokens
     b, n, c = tokens.shape
     fmap = tokens.transpose(1, 2).reshape(b, c, side, side)
-    fmap = F.interpolate(fmap, size=(grid, grid), mode="bilinear", align_corners=False)
+    fmap = F.interpolate(fmap, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
     return fmap.flatten(2).transpose(1, 2)
 
 
