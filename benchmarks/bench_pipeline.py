@@ -1,8 +1,8 @@
 """Curation pipeline: mask NMS against a brute-force loop, and the per-image cost outside model forwards.
 
 NMS: random 640x480 masks (ellipses and rectangles, a third of them jittered near-copies of
-another so that suppression happens); ``pipeline.nms.nms_keep`` (one IoU matrix per image, greedy
-loop over a boolean array) against the loop most NMS code writes (one ``pycocotools.mask.iou``
+another so that suppression happens); ``pipeline.nms.nms_keep`` (IoU of each block of 256 candidates
+against the masks kept so far and within the block; never an n x n matrix) against the loop most NMS code writes (one ``pycocotools.mask.iou``
 call per candidate against the masks kept so far). Both must keep the same set.
 
 Overhead: the annotation path on the COCO val2017 sample (``../shared/data``) or, when absent, the

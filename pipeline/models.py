@@ -60,8 +60,8 @@ def resolve(spec: str, models_dir: str | os.PathLike | None = None) -> str:
         tried.append(f"Hugging Face cache ({spec})")
     raise ModelNotFoundError(
         f"model {spec!r} not found (looked in: {'; '.join(tried)}). Jobs never download weights: run "
-        f"`{DOWNLOAD_COMMAND}` on a machine with internet (it fills the models directory, "
-        f"--models-dir or ${MODELS_DIR_ENV}), or point the config at a local directory.")
+        f"`{DOWNLOAD_COMMAND} --config CFG --cache DIR` on a machine with internet, then set "
+        f"<stage>.models_dir=DIR or ${MODELS_DIR_ENV}=DIR, or point the config at a local directory.")
 
 
 def download(config_models: Mapping[str, str] | Any = None, cache_dir: str | os.PathLike | None = None

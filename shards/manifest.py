@@ -6,12 +6,15 @@ derived index for humans and tools, rebuilt whenever a job finishes or resumes.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .writer import list_shards, read_stats, recover
+from .writer import list_shards, read_stats, recover, stats_path
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.parquet"
 FAILURES = "failures.parquet"
@@ -30,6 +33,10 @@ def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
     recover(out_dir)
     rows, failures = [], []
     for tar in list_shards(out_dir):
+        if not stats_path(tar).exists():  # not written by ShardWriter (or copied without it): read the tar
+            log.warning("%s has no stats file; its manifest rows are read from the tar", tar.name)
+            rows.extend(_rows_from_tar(tar))
+            continue
         stats = read_stats(tar)
         rows.extend({"shard": stats.shard, **{k: row[k] for k in _MANIFEST_SCHEMA.names[1:]}} for row in stats.keys)
         failures.extend({"shard": stats.shard, **f} for f in stats.failures)
@@ -38,6 +45,15 @@ def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
     _write_atomic(pa.Table.from_pylist(rows, schema=_MANIFEST_SCHEMA), manifest)
     _write_atomic(pa.Table.from_pylist(failures, schema=_FAILURE_SCHEMA), failed)
     return manifest, failed
+
+
+def _rows_from_tar(tar: Path) -> list[dict]:
+    from .reader import iter_samples  # webdataset (and torch) only when a shard lacks its stats
+
+    return [{"shard": tar.name, "key": x.key, "image_id": x.meta.image_id, "source": x.meta.source,
+             "width": x.meta.width, "height": x.meta.height, "segments": len(x.meta.segments),
+             "texts": sum(len(seg.texts) for seg in x.meta.segments)}
+            for x in iter_samples(tar, on_error="skip")]
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:

@@ -131,9 +131,12 @@ class ShardWriter:
         self._stats.created = time.time()
         st_final = stats_path(final)
         st_tmp = _tmp(st_final)
-        st_tmp.write_text(json.dumps(self._stats.__dict__, indent=1))
+        _write_synced(st_tmp, json.dumps(self._stats.__dict__, indent=1).encode())
+        # Both temp files are on disk before either rename: a tar under its final name always has its
+        # stats (final or temp, which recover() commits), even after a power loss.
         os.replace(tmp, final)
         os.replace(st_tmp, st_final)
+        _fsync_dir(self.out_dir)  # the renames themselves survive a power loss
         log.info("wrote %s: %d samples, %d segments, %d failures", final.name, self._stats.samples,
                  self._stats.segments, len(self._stats.failures))
         self.written.append(final)
@@ -169,6 +172,26 @@ class ShardWriter:
             self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
             self._stats = ShardStats(shard=name)
         return self._stats
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on some platforms (Windows); the renames are still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:

@@ -107,3 +107,16 @@ def test_decompression_bomb_limit_is_a_parameter():
     with pytest.raises(ImageDecodeError, match="10000 pixels is over the decompression-bomb limit of 5000"):
         decode(data, max_pixels=5000)
     assert decode(data, max_pixels=10_000).size == (100, 100)
+
+
+def test_read_and_decode_apply_the_same_pixel_limit(monkeypatch):
+    """An image between PIL's warning threshold and ``max_pixels`` passes the read's probe, so every
+    model stage must decode it too (PIL's warning is not a second, stricter limit)."""
+    from pipeline.sources import probe
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns above 1000 px, refuses above 2000
+    data = _save(Image.new("RGB", (40, 40), (10, 200, 30)), "PNG")  # 1600 px: warned, not refused
+    assert probe(data, min_side=8, max_pixels=10_000).width == 40
+    assert decode(data, max_pixels=10_000).size == (40, 40)
+    with pytest.raises(ImageDecodeError, match="decompression-bomb"):
+        decode(_save(Image.new("RGB", (50, 50)), "PNG"), max_pixels=10_000)  # 2500 px: PIL's hard limit

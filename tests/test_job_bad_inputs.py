@@ -54,10 +54,12 @@ def _bad_dataset(root):
     }
     for name, data in files.items():
         (img_dir / name).write_bytes(data)
+    (img_dir / "unreadable.jpg").mkdir()  # exists but cannot be read as a file (EISDIR), even as root
+    files["unreadable.jpg"] = b""
     order = {"good1.png": (48, 32), "good2.png": (48, 32), "good3.png": (48, 32), **dict.fromkeys(files),
              "missing.jpg": (48, 32)}
     declared = {"zero.jpg": (120, 90), "truncated.jpg": (120, 90), "notimage.jpg": (48, 32),
-                "exif.jpg": (40, 60), "bomb.png": (100_000, 100_000)}
+                "exif.jpg": (40, 60), "bomb.png": (100_000, 100_000), "unreadable.jpg": (48, 32)}
     paths = write_coco(root, order, declared=declared,
                        extra_anns=[{"id": 500, "image_id": 4242, "category_id": 1, "segmentation": [[0, 0, 4, 0, 4, 4]]}])
     (img_dir / "missing.jpg").unlink()
@@ -72,6 +74,7 @@ EXPECTED = {  # file -> (stage, words of the reason); None = handled and written
     "zero.jpg": ("read", "0 bytes"), "truncated.jpg": ("read", "truncated"),
     "notimage.jpg": ("read", "not an image"), "onepixel.png": ("read", "1x1, smaller than"),
     "bomb.png": ("read", "decompression-bomb"), "missing.jpg": ("read", "not found"),
+    "unreadable.jpg": ("read", "cannot read"),
     "noann.png": ("nms", "fewer than shards.min_segments"), "good3.png": ("captioner", "probe refuses"),
     "cmyk.jpg": None, "gray16.png": None, "palette.png": None, "exif.jpg": None, "good1.png": None,
     "good2.png": None,
@@ -101,8 +104,8 @@ def test_bad_inputs_become_failures_and_the_job_completes(tmp_path, ray_local):
     assert unknown["stage"] == "source" and "not in the images list" in unknown["error"]
     rotated = written[make_key("bad", ids["exif.jpg"])]
     assert (rotated.meta.width, rotated.meta.height) == (40, 60) and rotated.image().size == (40, 60)
-    assert (summary["written"], summary["failed"]) == (6, 9)
-    assert summary["failed_by_stage"] == {"read": 6, "source": 1, "nms": 1, "captioner": 1}
+    assert (summary["written"], summary["failed"]) == (6, 10)
+    assert summary["failed_by_stage"] == {"read": 7, "source": 1, "nms": 1, "captioner": 1}
 
 
 @pytest.mark.parametrize("content, expect", [

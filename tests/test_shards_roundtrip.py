@@ -136,3 +136,18 @@ def test_resume_continues_numbering_and_knows_done_keys(tmp_path):
                                                                "shard-000002.tar"]
     assert shards.done_keys(tmp_path) == ({"test_0", "test_1", "test_2", "test_4", "test_5"}, {"test_3"})
     assert [s.key for s in shards.iter_samples(tmp_path)] == ["test_0", "test_1", "test_2", "test_4", "test_5"]
+
+
+def test_manifest_of_a_shard_without_stats_reads_the_tar(tmp_path):
+    """done_keys takes a stats-less tar's keys from the tar; the manifest (and so the job's summary)
+    must too, instead of failing after the whole job has run."""
+    with shards.ShardWriter(tmp_path, max_samples=2) as writer:
+        for i in range(3):
+            writer.write(*make_sample(i, n_segments=2)[:2])
+    (tmp_path / "shard-000001.stats.json").unlink()
+    shards.build_manifest(tmp_path)
+    rows = shards.read_manifest(tmp_path).to_pylist()
+    assert [(r["shard"], r["key"], r["segments"], r["texts"]) for r in rows] == [
+        ("shard-000000.tar", "test_0", 2, 4), ("shard-000000.tar", "test_1", 2, 4),
+        ("shard-000001.tar", "test_2", 2, 4)]
+    assert {r["key"] for r in rows} == shards.done_keys(tmp_path)[0]

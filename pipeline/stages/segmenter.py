@@ -153,7 +153,11 @@ def component_sizes(masks: torch.Tensor) -> torch.Tensor:
     offsets = (torch.arange(n, device=masks.device) * hw)[:, None]
     while True:
         padded = F.pad(labels, (1, 1, 1, 1), value=big)
-        neighbours = torch.stack([padded[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]).amin(0)
+        neighbours = padded[:, 1:1 + h, 1:1 + w].clone()  # a running minimum: never 9 copies of the labels
+        for dy in range(3):
+            for dx in range(3):
+                if (dy, dx) != (1, 1):
+                    torch.minimum(neighbours, padded[:, dy:dy + h, dx:dx + w], out=neighbours)
         new = torch.where(masks, neighbours, labels)
         flat = new.view(n, hw)
         # pointer jumping: a label is the index of a pixel of the same component, whose label is smaller
