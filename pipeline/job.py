@@ -255,6 +255,9 @@ def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True) -> dic
 
 
 def _write_one(writer: Any, key: str, image: Any, rec: Record, meta_cls: Any) -> None:
+    if key in writer:  # a re-executed Ray task delivered this row again: the first copy stands
+        log.warning("%s arrived twice from the dataset; keeping the first", key)
+        return
     if rec.failure is not None:
         writer.add_failure(key, rec.failure.stage, rec.failure.error)
         return

@@ -110,6 +110,10 @@ class ShardWriter:
         if stats.samples >= self.max_samples or stats.bytes >= self.max_bytes:
             self.flush()
 
+    def __contains__(self, key: str) -> bool:
+        """Whether this writer already wrote or recorded ``key`` (in this run)."""
+        return key in self._keys
+
     def add_failure(self, key: str, stage: str, error: str) -> None:
         """Record an input that did not become a sample (committed with the current shard)."""
         if key in self._keys:

@@ -151,3 +151,17 @@ def test_manifest_of_a_shard_without_stats_reads_the_tar(tmp_path):
         ("shard-000000.tar", "test_0", 2, 4), ("shard-000000.tar", "test_1", 2, 4),
         ("shard-000001.tar", "test_2", 2, 4)]
     assert {r["key"] for r in rows} == shards.done_keys(tmp_path)[0]
+
+
+def test_writer_knows_what_it_wrote(tmp_path):
+    from shards_util import make_sample
+
+    from shards import ShardWriter
+
+    with ShardWriter(tmp_path) as w:
+        meta, image, _ = make_sample(1)
+        w.write(meta, image)
+        w.add_failure("k2", "read", "bad")
+        assert meta.key in w and "k2" in w and "k3" not in w
+        with pytest.raises(ValueError, match="written twice"):
+            w.write(meta, image)

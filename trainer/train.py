@@ -140,6 +140,12 @@ class Trainer:
                 log.warning("resuming with another world size or batch size: the data order is not the original one")
         self.ddp = self.model
         if self.info.distributed:
+            # The frozen backbones (0.6 B parameters for ViT-L + DINOv2-L) are built identically on every
+            # rank and never change: keep DDP from broadcasting them at start-up (GBs) and from syncing
+            # their buffers; only the trainable head is DDP's business.
+            frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+            frozen += [n for n, _ in self.model.named_buffers()]
+            DDP._set_params_and_buffers_to_ignore_for_model(self.model, frozen)
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                            broadcast_buffers=False, find_unused_parameters=cfg.find_unused_parameters)
         self.tb = self.metrics = self.keys_file = None
