@@ -52,3 +52,16 @@ class FlakyProbe:
         if bad:
             raise RuntimeError(f"probe refuses {bad}")
         return batch
+
+
+class ConfigProbe:
+    """Writes the config its actor was built with as a caption (to see what the job hands a stage)."""
+
+    def __init__(self, config):
+        self.dump = config.model_dump_json()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = records_of(batch)
+        for r in records:
+            r.captions.append({"text": self.dump, "source": "probe"})
+        return with_records(batch, records)

@@ -60,7 +60,8 @@ class Captioner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
-        items = [(i, image, name) for i, image in decode_pending(batch, records, STAGE) for name in self.prompts]
+        pending = decode_pending(batch, records, STAGE, max_pixels=self.config.max_pixels)
+        items = [(i, image, name) for i, image in pending for name in self.prompts]
         for group in chunks(items, self.config.generate_batch_size):
             self._caption_group(group, records)
         return with_records(batch, records)

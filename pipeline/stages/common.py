@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.images import decode
+from pipeline.images import MAX_PIXELS, decode
 from pipeline.models import resolve
 from pipeline.record import Record
 
@@ -34,7 +34,7 @@ def pick_dtype(config: ModelStageConfig, device: torch.device) -> torch.dtype:
 
 
 def decode_pending(batch: dict[str, np.ndarray], records: Sequence[Record], stage: str,
-                   want: Any = None) -> Iterator[tuple[int, Image.Image]]:
+                   want: Any = None, max_pixels: int = MAX_PIXELS) -> Iterator[tuple[int, Image.Image]]:
     """Yield ``(row, image)`` for rows without a failure (and, with ``want``, for which ``want(record)``).
 
     An image that does not decode fails its record at ``stage``; the size of the decoded image is
@@ -44,7 +44,7 @@ def decode_pending(batch: dict[str, np.ndarray], records: Sequence[Record], stag
         if record.failure is not None or (want is not None and not want(record)):
             continue
         try:
-            image = decode(batch["image"][i])
+            image = decode(batch["image"][i], max_pixels=max_pixels)
         except Exception as e:  # one bad image never stops the batch
             record.fail(stage, e)
             continue

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.images import MAX_PIXELS
+
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
@@ -36,6 +38,8 @@ class ModelStageConfig(StageConfig):
     models_dir: str | None = Field(None, description="where `python -m pipeline models download` put weights")
     device: str | None = Field(None, description="torch device; None: cuda if available, else cpu")
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="decompression-bomb limit when decoding; the job "
+                            "sets it to read.max_pixels so no stage refuses an image the read step accepted")
 
 
 #: Multi-granular prompts (the paper does not publish its own): the whole scene, objects with their

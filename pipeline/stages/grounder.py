@@ -65,7 +65,9 @@ class Grounder:
         records = records_of(batch)
         prompts: list[Prompt] = []
         pending: list[int] = []
-        for i, image in decode_pending(batch, records, STAGE, want=lambda r: bool(r.phrases)):
+        decoded = decode_pending(batch, records, STAGE, want=lambda r: bool(r.phrases),
+                                 max_pixels=self.config.max_pixels)
+        for i, image in decoded:
             pending.append(i)
             prompts += [Prompt(i, image, text, ids) for text, ids in self.pack(records[i])]
         found: dict[int, list[Box]] = {i: [] for i in pending}
