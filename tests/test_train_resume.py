@@ -38,3 +38,16 @@ def test_resume_gives_the_same_weights(synth_shards, tmp_path):
     diff = max_weight_diff(weights(whole / "final"), weights(split / "final"))
     print(f"max weight difference: {diff:.3g}")
     assert diff < 1e-6
+
+
+def test_resume_with_another_schedule_is_reported(synth_shards, tmp_path, caplog):
+    overrides = ["steps=4", "checkpoint_every=100"]
+    train(config(*overrides, "stop_at=2"), synth_shards, tmp_path, device="cpu")
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        train(config(*overrides), synth_shards, tmp_path, resume="latest", device="cpu")
+    assert "another LR schedule" not in caplog.text  # same config: nothing to report
+    train(config("steps=3", "checkpoint_every=100", "stop_at=3"), synth_shards, tmp_path / "b", device="cpu")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.train"):
+        train(config("steps=5", "checkpoint_every=100"), synth_shards, tmp_path / "b", resume="latest", device="cpu")
+    assert "another LR schedule" in caplog.text and "'total_steps': 5" in caplog.text

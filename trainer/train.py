@@ -138,6 +138,9 @@ class Trainer:
             self.segments_seen, self.skipped = int(state["segments_seen"]), int(state["skipped_steps"])
             if state.get("world_size") != self.info.world_size or state.get("batch_size") != cfg.data.batch_size:
                 log.warning("resuming with another world size or batch size: the data order is not the original one")
+            if state.get("scheduler") and state["scheduler"] != self._schedule():
+                log.warning("resuming with another LR schedule than the checkpoint's (%s now, %s saved): the "
+                            "rest of the run follows the new one", self._schedule(), state["scheduler"])
         self.ddp = self.model
         if self.info.distributed:
             # The frozen backbones (0.6 B parameters for ViT-L + DINOv2-L) are built identically on every
@@ -162,6 +165,12 @@ class Trainer:
         log.info("rank %d/%d on %s: %d shards, %d steps per epoch, %d steps in all, starting at %d (%s)",
                  self.info.rank, self.info.world_size, self.device, len(self.urls), self.steps_per_epoch,
                  self.total_steps, self.step, "feature cache" if cfg.use_feature_cache else "images")
+
+    def _schedule(self) -> dict[str, Any]:
+        """The LR schedule as saved in checkpoints (a pure function of the step, see :func:`lr_at`)."""
+        o = self.cfg.optim
+        return {"kind": "warmup_cosine", "lr": o.lr, "min_lr": o.min_lr, "warmup_steps": o.warmup_steps,
+                "total_steps": self.total_steps}
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -271,8 +280,7 @@ class Trainer:
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": self.step % self.steps_per_epoch,
                 "samples_seen": self.samples_seen, "segments_seen": self.segments_seen,
                 "skipped_steps": self.skipped, "batch_size": self.cfg.data.batch_size,
-                "scheduler": {"kind": "warmup_cosine", "lr": self.cfg.optim.lr, "min_lr": self.cfg.optim.min_lr,
-                              "warmup_steps": self.cfg.optim.warmup_steps, "total_steps": self.total_steps}}
+                "scheduler": self._schedule()}
 
     def _log(self, out: dict[str, Any], window: dict[str, float], bar: tqdm) -> None:
         data, compute, segs, imgs, steps = all_sum(
