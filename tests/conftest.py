@@ -55,6 +55,17 @@ def synth_val_shards(synth_dir, tmp_path_factory) -> Path:
     return write_synth_shards(synth_dir, tmp_path_factory.mktemp("synth_val"), SYNTH_VAL_IDS, max_samples=8)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray on 2 CPUs with 2 fake GPUs for the module's tests (see ``job_helpers.start_ray``)."""
+    import ray
+    from job_helpers import start_ray
+
+    start_ray()
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real sample data); tests that need it skip only when it is absent."""

@@ -8,7 +8,7 @@ import io
 import json
 
 import pytest
-from job_helpers import start_ray, write_coco
+from job_helpers import write_coco
 from PIL import Image
 from test_sources import bomb_png
 
@@ -17,15 +17,6 @@ from pipeline import cli
 from pipeline.config import load_config
 from pipeline.job import run_job
 from shards import make_key
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    start_ray()
-    yield
-    ray.shutdown()
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -6,21 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from job_helpers import start_ray
 
 import shards
 from pipeline.config import load_config
 from pipeline.job import run_job
 from shards import rle as rle_utils
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    start_ray()
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -7,22 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from job_helpers import start_ray, write_coco
+from job_helpers import write_coco
 
 import shards
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.record import Record
 from pipeline.stages.common import decode_pending
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    start_ray()
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -11,15 +11,6 @@ from shards import rle as rle_utils
 from trainer.model import area_weights, area_weights_from_rle, pool_segments, valid_rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: intra-op threads only add spin/wait overhead on a shared 2-core box (~10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reference(mask: torch.Tensor, grid: int) -> torch.Tensor:
     """One segment, independently: upsample every pixel to grid x grid sub-pixels, so patch (i, j)
     is exactly the block of rows [i*H, (i+1)*H) and columns [j*W, (j+1)*W), and count."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ def _verify(img: Image.Image, data: bytes, mode: str, min_side: int, max_pixels:
         raise ReadError(f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-class Source:
+class Source(ABC):
     """Base class of the sources: ``plan`` in the driver, ``materialize`` in the workers."""
 
     kind: ClassVar[str] = ""
@@ -116,10 +117,11 @@ class Source:
         self.name = name or self.kind
         self.images = Path(images) if images else None
 
+    @abstractmethod
     def plan(self) -> Iterator[dict[str, str]]:
-        raise NotImplementedError
+        """Validate the annotations and yield one planned item per input image (in the driver)."""
 
-    @staticmethod
+    @staticmethod  # noqa: B027 (deliberate no-op default: a folder has no annotations)
     def materialize(record: Record, ann: Any) -> None:
         """Turn the raw annotations of one image into record segments/boxes (in the worker)."""
 
