@@ -72,3 +72,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared sample data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_model_dir(synth_shards, tmp_path_factory) -> Path:
+    """The USE model of the trainer's learning test (tiny backbones, 60 steps on the synthetic shards).
+
+    Trained once per session and shared by the evaluation and search tests, which need a model that
+    has learned the six synthetic classes. Returns the ``final/`` folder (``USEModel.from_pretrained``).
+    """
+    from train_helpers import config
+
+    from trainer.cache import cache_features
+    from trainer.train import train
+
+    tmp = tmp_path_factory.mktemp("synth_model")
+    cfg = config("steps=60", "data.batch_size=8", "data.workers=1", "data.max_segments_per_image=16",
+                 "optim.warmup_steps=4", "log_every=10", "use_feature_cache=true", f"cache_dir={tmp / 'cache'}")
+    cache_features(cfg, synth_shards, device="cpu")
+    train(cfg, synth_shards, tmp / "run", device="cpu")
+    return tmp / "run" / "final"
