@@ -50,6 +50,7 @@ import shards
 from shards import ShardSample
 
 from .config import DataConfig
+from .model.segments import segment_inputs
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,16 @@ def check_enough_shards(cfg: DataConfig, urls: list[str], world_size: int) -> No
 # -- per-sample work (runs in the DataLoader workers) ---------------------------------------------
 @dataclass
 class SampleProcessor:
-    """Turns a :class:`ShardSample` into tensors; plain data only, so it travels into workers."""
+    """Turns a :class:`ShardSample` into tensors; plain data only, so it travels into workers.
+
+    Resize and area weights are :func:`trainer.model.segments.segment_inputs`, the code
+    ``USEModel.embed_masks`` runs at evaluation time.
+    """
 
     transform: Callable | None  # ImageTransform; None when reading the feature cache
     grid: int
     max_segments: int
     min_area: int
-    area_weights_from_rle: Callable
     cache: FeatureCacheReader | None = None
 
     def __call__(self, sample: ShardSample, rng: random.Random) -> dict[str, Any] | None:
@@ -117,16 +121,17 @@ class SampleProcessor:
             segments = [segments[i] for i in sorted(rng.sample(range(len(segments)), self.max_segments))]
         if not segments:
             return None
-        weights = self.area_weights_from_rle([s.rle for s in segments], self.grid)
-        keep = weights.sum(dim=1) > 0  # masks that decode empty carry no area
+        image = None if self.cache is not None else sample.image()
+        inputs = segment_inputs(image, [s.rle for s in segments], transform=self.transform, grid=self.grid)
+        keep = inputs.valid  # masks that decode empty carry no area
         texts = [rng.choice(s.texts).text for s, k in zip(segments, keep.tolist(), strict=True) if k]
         if not texts:
             return None
-        out: dict[str, Any] = {"key": sample.key, "area_weights": weights[keep], "texts": texts}
+        out: dict[str, Any] = {"key": sample.key, "area_weights": inputs.weights[keep], "texts": texts}
         if self.cache is not None:
             out["features"] = self.cache.get(sample.url, sample.key)
         else:
-            out["pixels"] = self.transform(sample.image())
+            out["pixels"] = inputs.pixels
         return out
 
 

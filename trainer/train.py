@@ -40,7 +40,7 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import SKIP, FeatureCacheReader, SampleProcessor, check_enough_shards, make_loader, steps_per_epoch
 from .distributed import DistInfo, all_sum, all_true, barrier, cleanup, init_distributed, rank_divergence
-from .model import ModelConfig, SegmentTextLoss, USEModel, area_weights_from_rle, text_ids
+from .model import ModelConfig, SegmentTextLoss, USEModel, text_ids
 from .plots import plot_metrics
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def make_processor(cfg: TrainConfig, model: USEModel, shards_dir: Path) -> Sampl
         cache = FeatureCacheReader(cfg.cache_dir or shards_dir, fingerprint(model.config))
     return SampleProcessor(transform=None if cache else model.transform, grid=model.grid,
                            max_segments=cfg.data.max_segments_per_image, min_area=cfg.data.min_segment_area,
-                           area_weights_from_rle=area_weights_from_rle, cache=cache)
+                           cache=cache)
 
 
 def autocast_for(device: torch.device, precision: str):

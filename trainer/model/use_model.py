@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbones import FrozenBackbones
 from .config import ModelConfig
+from .segments import Masks, segment_inputs
 from .transforms import ImageTransform
 
 CONFIG_NAME = "config.json"
@@ -129,6 +132,44 @@ class USEModel(nn.Module):
             features = self.backbone_features(features)
         emb = self.segment_embeddings(features, area_weights, image_index)
         return (emb, self.logit_scale_exp()) if return_logit_scale else emb
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @torch.no_grad()
+    def embed_masks(self, image: Image.Image, masks: Masks) -> torch.Tensor:
+        """Embeddings ``[S, embed_dim]`` (float32, L2-normalised, on the model's device) of the
+        segments of ``image`` given as boolean masks ``[S, H, W]`` (numpy or torch) or COCO RLEs.
+
+        The same inputs the trainer builds from a shard sample (:mod:`trainer.model.segments`), so a
+        segment gets the embedding it was trained towards. Rows of empty masks are all zeros.
+        """
+        return self.embed_masks_batch([image], [masks])[0]
+
+    @torch.no_grad()
+    def embed_masks_batch(self, images: Sequence[Image.Image], masks: Sequence[Masks],
+                          batch_size: int = 16) -> list[torch.Tensor]:
+        """:meth:`embed_masks` for several images, ``batch_size`` images per backbone forward."""
+        if len(images) != len(masks):
+            raise ValueError(f"{len(images)} images but {len(masks)} mask sets")
+        out: list[torch.Tensor] = []
+        dim, device = int(self.config.embed_dim), self.device
+        for start in range(0, len(images), batch_size):
+            items = [segment_inputs(im.convert("RGB"), m, transform=self.transform, grid=self.grid)
+                     for im, m in zip(images[start:start + batch_size], masks[start:start + batch_size], strict=True)]
+            pixels = {k: torch.stack([it.pixels[k] for it in items]).to(device) for k in items[0].pixels}
+            weights = torch.cat([it.weights[it.valid] for it in items]).to(device)
+            index = torch.cat([torch.full((int(it.valid.sum()),), i, dtype=torch.long) for i, it in enumerate(items)])
+            emb = self.segment_embeddings(self.backbone_features(pixels), weights, index.to(device)).float()
+            pos = 0
+            for it in items:
+                full = torch.zeros(it.valid.shape[0], dim, device=device)
+                n = int(it.valid.sum())
+                full[it.valid.to(device)] = emb[pos:pos + n]
+                pos += n
+                out.append(full)
+        return out
 
     def logit_scale_exp(self) -> torch.Tensor:
         """``exp(logit_scale)`` clamped at 100 (gradient stops above the clamp, like CLIP's clamp)."""
