@@ -18,7 +18,8 @@ from pipeline.synth import CLASSES
 from shards import iter_samples
 from trainer.cache import cache_features
 from trainer.model import USEModel, area_weights_from_rle
-from trainer.train import build_model, train
+from trainer.runtime import build_model
+from trainer.train import train
 
 
 def majority_share(val_shards) -> float:

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from trainer.train import autocast_for
+from trainer.runtime import autocast_for
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns when CUDA autocast is built without a GPU

@@ -4,11 +4,17 @@ Both backbones are frozen, so their features for an image never change; computin
 each later training step into the cheap part only (LLN, merge, head). For each shard
 ``PREFIX-NNNNNN.tar`` one file ``PREFIX-NNNNNN.features.safetensors`` is written (beside the shards
 by default, or in ``--out``), holding ``{sample key}/{level}`` -> ``[1 + G*G, C]`` tensors (level as
-``model.backbone_features`` names it, e.g. ``clip.8``), in ``cache_dtype`` (fp16 by default: half
-the disk; fp32 reproduces training from images to float rounding, which the tests use).
+``model.backbone_features`` names it, e.g. ``clip.8``), in ``cache_dtype``: bf16 by default (half
+the disk, and exactly what the backbones produce under the bf16 autocast of GPU training; its
+fp32-sized exponent cannot overflow), fp16 (more mantissa, but values beyond 65504 would become
+inf) or fp32 (reproduces training from images to float rounding, which the tests use). Every
+tensor is checked to be finite *after* the cast, so an fp16 overflow stops the job with the sample
+and level named instead of training on inf later.
 
-The metadata carries a fingerprint of everything that determines the features (backbones, layers,
-image sizes, grid), and the trainer refuses a cache whose fingerprint differs from its model's.
+The writer and the reader (:class:`FeatureCacheReader`, used by the data loader) live here
+together. The metadata carries the model config's
+:meth:`~trainer.model.ModelConfig.backbone_fingerprint`, and the reader refuses a cache whose
+fingerprint differs from its model's.
 A shard's file is written through a temporary name and renamed, so a file that exists is complete
 and an interrupted job resumes where it stopped. Files are written tensor by tensor (the
 safetensors layout is an 8-byte header length, a JSON header, then raw bytes), so memory stays at
@@ -18,7 +24,6 @@ one batch even for shards whose features are many GB. Under torchrun each rank t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,25 +34,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 import shards
 
 from .config import TrainConfig
-from .data import cache_path
 from .distributed import barrier, init_distributed
+from .runtime import autocast_for, build_model
 
 log = logging.getLogger(__name__)
 
-_BACKBONE_FIELDS = ("clip", "clip_layers", "dino", "dino_layers", "grid", "clip_image_size", "dino_image_size",
-                    "dino_patch_size")
 _DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def fingerprint(model_config: Any) -> str:
-    """A short hash of the config fields that decide the backbone features (not the trainable head)."""
-    d = model_config.to_dict()
-    relevant = {k: d.get(k) for k in _BACKBONE_FIELDS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+def cache_path(cache_dir: str | Path, url: str) -> Path:
+    """``<cache_dir>/<shard name without .tar>.features.safetensors``."""
+    name = Path(url).name
+    stem = name[: -len(".tar")] if name.endswith(".tar") else name
+    return Path(cache_dir) / f"{stem}.features.safetensors"
+
+
+class FeatureCacheReader:
+    """Reads one sample's cached backbone features; safetensors files opened lazily, once per worker."""
+
+    def __init__(self, cache_dir: str | Path, fingerprint: str):
+        self.cache_dir = str(cache_dir)
+        self.fingerprint = fingerprint
+        self._open: dict[str, tuple[Any, dict[str, list[str]]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cache_dir": self.cache_dir, "fingerprint": self.fingerprint, "_open": {}}
+
+    def _file(self, url: str) -> tuple[Any, dict[str, list[str]]]:
+        path = str(cache_path(self.cache_dir, url))
+        entry = self._open.get(path)
+        if entry is None:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no feature cache {path}: run `python -m trainer cache-features`")
+            f = safe_open(path, framework="pt", device="cpu")
+            found = (f.metadata() or {}).get("fingerprint")
+            if found != self.fingerprint:
+                raise ValueError(f"{path} was cached for another model config (fingerprint {found}, "
+                                 f"expected {self.fingerprint}); rerun cache-features")
+            index: dict[str, list[str]] = {}
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                key, level = name.split("/", 1)
+                index.setdefault(key, []).append(level)
+            entry = self._open[path] = (f, index)
+        return entry
+
+    def get(self, url: str, key: str) -> dict[str, torch.Tensor]:
+        f, index = self._file(url)
+        if key not in index:
+            raise KeyError(f"sample {key} missing from the feature cache of {url}")
+        return {level: f.get_tensor(f"{key}/{level}") for level in sorted(index[key])}
 
 
 class StreamingSafetensorsWriter:
@@ -94,8 +135,6 @@ class StreamingSafetensorsWriter:
 def _valid_cache(path: Path, fp: str) -> bool:
     if not path.exists():
         return False
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return (f.metadata() or {}).get("fingerprint") == fp
@@ -106,12 +145,10 @@ def _valid_cache(path: Path, fp: str) -> bool:
 def cache_features(cfg: TrainConfig, shards_dir: str | Path, out_dir: str | Path | None = None,
                    batch_size: int = 32, device: str | None = None) -> list[Path]:
     """Write the feature cache of every shard (this rank's share); returns the files written or found."""
-    from .train import autocast_for, build_model
-
     info = init_distributed(device)
     model = build_model(cfg).to(info.device).eval()
-    fp = fingerprint(model.config)
-    dtype = torch.float16 if cfg.cache_dtype == "fp16" else torch.float32
+    fp = model.config.backbone_fingerprint()
+    dtype = CACHE_DTYPES[cfg.cache_dtype]
     out = Path(out_dir or cfg.cache_dir or shards_dir)
     out.mkdir(parents=True, exist_ok=True)
     urls = shards.shard_urls(shards_dir)
@@ -154,5 +191,10 @@ def _write_batch(model, batch: list[shards.ShardSample], writer: StreamingSafete
         feats = model.backbone_features(stacked)
     for i, s in enumerate(batch):
         for level, f in feats.items():
-            writer.add(f"{s.key}/{level}", f[i].float().to(dtype))
+            stored = f[i].float().to(dtype)
+            if not bool(torch.isfinite(stored).all()):
+                where = "overflows fp16 (max 65504); use cache_dtype=bf16" if bool(torch.isfinite(f[i]).all()) \
+                    else "is not finite in the backbone output"
+                raise ValueError(f"feature cache: sample {s.key} level {level} {where}")
+            writer.add(f"{s.key}/{level}", stored)
     return len(batch)

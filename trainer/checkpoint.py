@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .distributed import DistInfo, barrier
+from .model import named_trainable
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] |
 # -- the pieces -------------------------------------------------------------------------------
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters by name: what a checkpoint restores (frozen weights come from config)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return dict(named_trainable(model))
 
 
 def optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

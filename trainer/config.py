@@ -64,8 +64,9 @@ class TrainConfig(_Strict):
         "auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     use_feature_cache: bool = Field(False, description="read backbone features from `cache-features` output")
     cache_dir: str | None = Field(None, description="where the feature cache lives; default: beside the shards")
-    cache_dtype: Literal["fp16", "fp32"] = Field(
-        "fp16", description="dtype `cache-features` writes (fp16 halves disk; fp32 reproduces image training bit for bit)")
+    cache_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="dtype `cache-features` writes: bf16 (half the disk, what bf16 autocast computes, no "
+                            "overflow), fp16 (finer, overflows past 65504: checked at write), fp32 (= image training)")
     log_keys: bool = Field(False, description="append each step's sample keys to OUTPUT/keys/rank{R}.txt (sharding audits)")
     find_unused_parameters: bool = Field(False, description="DDP option, for model variants that skip a trainable part")
     seed: int = Field(0, description="seed of model init, torch/numpy/python RNGs and (by default) the data")

@@ -35,11 +35,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,7 +47,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import shards
 from shards import ShardSample
 
+from .cache import FeatureCacheReader
 from .config import DataConfig
+from .distributed import rank_world
 from .model.segments import segment_inputs
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,6 @@ def mix_seed(*parts: Any) -> int:
     """A stable 63-bit seed from any parts (Python's ``hash`` of str differs between processes)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """The rank and world size webdataset's ``split_by_node`` will use (env first, as it does)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def count_samples(urls: list[str]) -> int:
@@ -200,7 +191,7 @@ class SegmentBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank, _ = dist_rank_world()
+        rank, _ = rank_world()
         quota = len(range(worker, self.batches, workers))  # batches b of the epoch with b % workers == worker
         rounds, offset = divmod(self.start, workers)
         done = rounds + (1 if worker < offset else 0)
@@ -232,50 +223,3 @@ def make_loader(urls: list[str], cfg: DataConfig, processor: SampleProcessor, *,
     ds = SegmentBatches(urls, cfg, processor, seed=seed, epoch=epoch, batches=batches, start=start)
     return DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None)
-
-
-# -- the feature cache --------------------------------------------------------------------------
-def cache_path(cache_dir: str | Path, url: str) -> Path:
-    """``<cache_dir>/<shard name without .tar>.features.safetensors``."""
-    name = Path(url).name
-    stem = name[: -len(".tar")] if name.endswith(".tar") else name
-    return Path(cache_dir) / f"{stem}.features.safetensors"
-
-
-class FeatureCacheReader:
-    """Reads one sample's cached backbone features; safetensors files opened lazily, once per worker."""
-
-    def __init__(self, cache_dir: str | Path, fingerprint: str):
-        self.cache_dir = str(cache_dir)
-        self.fingerprint = fingerprint
-        self._open: dict[str, tuple[Any, dict[str, list[str]]]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"cache_dir": self.cache_dir, "fingerprint": self.fingerprint, "_open": {}}
-
-    def _file(self, url: str) -> tuple[Any, dict[str, list[str]]]:
-        from safetensors import safe_open
-
-        path = str(cache_path(self.cache_dir, url))
-        entry = self._open.get(path)
-        if entry is None:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"no feature cache {path}: run `python -m trainer cache-features`")
-            f = safe_open(path, framework="pt", device="cpu")
-            found = (f.metadata() or {}).get("fingerprint")
-            if found != self.fingerprint:
-                raise ValueError(f"{path} was cached for another model config (fingerprint {found}, "
-                                 f"expected {self.fingerprint}); rerun cache-features")
-            index: dict[str, list[str]] = {}
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                key, level = name.split("/", 1)
-                index.setdefault(key, []).append(level)
-            entry = self._open[path] = (f, index)
-        return entry
-
-    def get(self, url: str, key: str) -> dict[str, torch.Tensor]:
-        f, index = self._file(url)
-        if key not in index:
-            raise KeyError(f"sample {key} missing from the feature cache of {url}")
-        return {level: f.get_tensor(f"{key}/{level}") for level in sorted(index[key])}
-

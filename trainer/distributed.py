@@ -52,6 +52,21 @@ def world_info_from_env() -> tuple[int, int, int]:
     return _first_int(_LOCAL_VARS, 0), _first_int(_RANK_VARS, 0), _first_int(_SIZE_VARS, 1)
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world_size) of this process: the one helper every part of the trainer asks.
+
+    The launcher's variables first, as webdataset's ``split_by_node`` reads them (they are also what
+    DataLoader worker processes inherit, where no process group exists), then an initialised process
+    group (processes started without a launcher, e.g. tests), else ``(0, 1)``.
+    """
+    if any(name in os.environ for name in _RANK_VARS):
+        _, rank, world = world_info_from_env()
+        return rank, world
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistInfo:
     """Join the process group if launched with several processes; pick this process's device.
 

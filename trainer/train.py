@@ -19,47 +19,30 @@ Outputs under ``OUTPUT/``: ``train_config.yaml``, ``metrics.jsonl`` (one line pe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import shards
 
+from .cache import FeatureCacheReader
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
-from .data import SKIP, FeatureCacheReader, SampleProcessor, check_enough_shards, make_loader, steps_per_epoch
+from .data import SKIP, SampleProcessor, check_enough_shards, make_loader, steps_per_epoch
 from .distributed import DistInfo, all_sum, all_true, barrier, cleanup, init_distributed, rank_divergence
-from .model import ModelConfig, SegmentTextLoss, USEModel, text_ids
+from .model import SegmentTextLoss, USEModel, named_trainable, text_ids
 from .plots import plot_metrics
+from .runtime import autocast_for, build_model, seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: TrainConfig) -> USEModel:
-    """The USE model from the config's model YAML; the trainable head is initialised from ``cfg.seed``."""
-
-    source = cfg.model_source()
-    model_cfg = ModelConfig.from_dict(source) if isinstance(source, dict) else ModelConfig.from_yaml(source)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return USEModel(model_cfg)
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
@@ -73,31 +56,20 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; weight decay only on matrices (open_clip's rule: not on norms, biases, scales, temperature)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in named_trainable(model):
         (decay if p.ndim >= 2 and "logit_scale" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def make_processor(cfg: TrainConfig, model: USEModel, shards_dir: Path) -> SampleProcessor:
-    from .cache import fingerprint
-
+    """Sample -> tensors for this model: from images, or from the feature cache when configured."""
     cache = None
     if cfg.use_feature_cache:
-        cache = FeatureCacheReader(cfg.cache_dir or shards_dir, fingerprint(model.config))
+        cache = FeatureCacheReader(cfg.cache_dir or shards_dir, model.config.backbone_fingerprint())
     return SampleProcessor(transform=None if cache else model.transform, grid=model.grid,
                            max_segments=cfg.data.max_segments_per_image, min_area=cfg.data.min_segment_area,
                            cache=cache)
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast for ``precision="bf16"``, or ``"auto"`` on CUDA; a no-op context otherwise (fp32)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -146,7 +118,8 @@ class Trainer:
             # The frozen backbones (0.6 B parameters for ViT-L + DINOv2-L) are built identically on every
             # rank and never change: keep DDP from broadcasting them at start-up (GBs) and from syncing
             # their buffers; only the trainable head is DDP's business.
-            frozen = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+            trainable = {n for n, _ in named_trainable(self.model)}
+            frozen = [n for n, _ in self.model.named_parameters() if n not in trainable]
             frozen += [n for n, _ in self.model.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(self.model, frozen)
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,

@@ -10,10 +10,11 @@ from .config import ClipBackboneConfig, DinoBackboneConfig, ModelConfig, Pretrai
 from .loss import SegmentTextLoss, text_ids
 from .segments import SegmentInputs, segment_inputs, segment_weights
 from .transforms import ImageTransform
-from .use_model import USEModel, pool_segments
+from .use_model import USEModel, named_trainable, pool_segments
 
 __all__ = [
     "ClipBackboneConfig", "DinoBackboneConfig", "ImageTransform", "ModelConfig", "PretrainedClip",
-    "SegmentTextLoss", "TinyClip", "USEModel", "area_weights", "area_weights_from_rle", "pool_segments",
+    "SegmentTextLoss", "TinyClip", "USEModel", "area_weights", "area_weights_from_rle", "named_trainable",
+    "pool_segments",
     "SegmentInputs", "segment_inputs", "segment_weights", "text_ids", "valid_rows",
 ]

@@ -81,10 +81,13 @@ class FrozenBackbones(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if not config.is_resolved:
+            raise ValueError("FrozenBackbones needs a resolved ModelConfig (config.resolved())")
         self.clip, self.tokenizer = _build_clip(config)
         self.dino = _build_dino(config) if config.dino.enabled else None
-        if self.dino is not None and config.dino_patch_size is None:
-            config = config.model_copy(update={"dino_patch_size": int(self.dino.config.patch_size)})
+        if self.dino is not None and int(self.dino.config.patch_size) != config.dino_patch_size:
+            raise ValueError(f"dino_patch_size {config.dino_patch_size} but the DINOv2 model's patch is "
+                             f"{self.dino.config.patch_size}")
         self.config = config
         self.grid = int(config.grid)
         self.clip_layers = sorted(set(config.clip_layers))

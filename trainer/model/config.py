@@ -14,12 +14,17 @@ DINOv2's ``hidden_states[k]`` and open_clip's ``forward_intermediates`` index ``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_BACKBONE_FIELDS = ("clip", "clip_layers", "dino", "dino_layers", "grid", "clip_image_size", "dino_image_size",
+                    "dino_patch_size")
 
 
 class _Strict(BaseModel):
@@ -128,21 +133,47 @@ class ModelConfig(_Strict):
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size), int(vc["patch_size"]), int(cfg["embed_dim"])
 
-    def clip_patch_size(self) -> int:
-        return self._clip_vision()[1]
+    def _dino_patch_size(self) -> int | None:
+        """DINOv2's patch size from its tiny config or its ``config.json`` (no weights are read)."""
+        if not self.dino.enabled:
+            return None
+        if self.dino.tiny is not None:
+            return int(self.dino.tiny.get("patch_size", 14))
+        from transformers import Dinov2Config
+
+        return int(Dinov2Config.from_pretrained(self.dino.path).patch_size)
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.grid, self.clip_image_size, self.embed_dim) and (
+            not self.dino.enabled or self.dino_patch_size is not None)
 
     def resolved(self) -> ModelConfig:
-        """A copy with ``clip_image_size``, ``grid`` and ``embed_dim`` filled in from the CLIP config."""
+        """A copy with ``clip_image_size``, ``grid``, ``embed_dim`` and ``dino_patch_size`` filled in.
+
+        Done once, where a model is built (:class:`~trainer.model.USEModel` and the trainer's runtime);
+        everything below takes the resolved config as it is. Idempotent.
+        """
+        if self.is_resolved:
+            return self
         size, patch, embed = self._clip_vision()
         clip_size = self.clip_image_size or size
         update = {
             "clip_image_size": clip_size,
             "grid": self.grid or clip_size // patch,
             "embed_dim": self.embed_dim or embed,
+            "dino_patch_size": self.dino_patch_size or self._dino_patch_size(),
         }
-        if self.dino.enabled and self.dino_patch_size is None and self.dino.tiny is not None:
-            update["dino_patch_size"] = int(self.dino.tiny.get("patch_size", 14))
         return self.model_copy(update=update)
+
+    def backbone_fingerprint(self) -> str:
+        """A short hash of the fields that decide the frozen backbone features (not the trainable head).
+
+        The feature cache is valid for a model exactly when the fingerprints agree.
+        """
+        d = self.resolved().to_dict()
+        relevant = {k: d.get(k) for k in _BACKBONE_FIELDS}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     # --- io -------------------------------------------------------------------------------------
     @classmethod

@@ -32,17 +32,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, gather_features
 
+from ..distributed import rank_world
+
 
 def text_ids(texts: list[str]) -> torch.Tensor:
     """Stable int64 ids of texts (blake2b, same in every process; Python's ``hash`` is salted)."""
     return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
                          for t in texts], dtype=torch.long)
-
-
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class SegmentTextLoss(ClipLoss):
@@ -54,7 +50,7 @@ class SegmentTextLoss(ClipLoss):
 
     def __init__(self, rank: int | None = None, world_size: int | None = None,
                  mask_duplicate_texts: bool = True, dup_eps: float = 1e-3) -> None:
-        r, w = _dist_world()
+        r, w = rank_world()
         super().__init__(local_loss=False, gather_with_grad=True, cache_labels=True,
                          rank=r if rank is None else rank, world_size=w if world_size is None else world_size)
         self.mask_duplicate_texts = mask_duplicate_texts

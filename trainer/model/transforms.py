@@ -39,7 +39,7 @@ class ImageTransform:
     """
 
     def __init__(self, config: ModelConfig) -> None:
-        cfg = config.resolved()
+        cfg = config.resolved()  # a no-op for the resolved config a model passes
         self.clip_size = int(cfg.clip_image_size)
         self.dino_size = int(cfg.dino_image_size) if cfg.dino.enabled else None
         self.clip_mean = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)

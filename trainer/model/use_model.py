@@ -54,6 +54,16 @@ class LLN(nn.Module):
         return self.proj(self.norm(x))
 
 
+def named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The one definition of "trainable parameters": those with ``requires_grad``.
+
+    :class:`FrozenBackbones` turns it off for every backbone weight, so for :class:`USEModel` these
+    are the LLNs, patch scales, head and ``logit_scale``. The optimizer, checkpoints, DDP's ignore
+    list and ``save_pretrained`` all ask this function.
+    """
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
 def pool_segments(patches: torch.Tensor, weights: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
     """Area-weighted patch average for every segment: ``[B, P, D]``, ``[S, P]``, ``[S]`` -> ``[S, D]``.
 
@@ -187,14 +197,14 @@ class USEModel(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_trainable_parameters()]
+        return [p for _, p in named_trainable(self)]
 
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith("backbones.")]
+        return named_trainable(self)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights only (what ``model.safetensors`` and checkpoints hold)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbones.")}
+        return {n: p.detach() for n, p in named_trainable(self)}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load trainable weights strictly: every key must exist and none may be missing."""
