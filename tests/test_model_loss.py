@@ -89,18 +89,33 @@ def _global(case: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
+    shapes: list[tuple[int, ...]] = []
+    cross_entropy = F.cross_entropy
+
+    def spy(logits, *args, **kwargs):  # the logits each rank materialises
+        shapes.append(tuple(logits.shape))
+        return cross_entropy(logits, *args, **kwargs)
+
+    F.cross_entropy = spy  # this forked child only
     results = {}
     try:
         for case in (0, 1):
             seg, txt = _global(case)
             rows = _case_rows(case, rank)
             local = seg[rows].clone().requires_grad_(True)
+            local_txt = txt[rows].clone().requires_grad_(True)
+            scale = torch.tensor(SCALE, requires_grad=True)
             ids = text_ids(TEXTS[: seg.shape[0]])[rows] if case == 0 else None  # case 1: by embedding
-            loss = SegmentTextLoss()(local, txt[rows], torch.tensor(SCALE), text_ids=ids)
+            shapes.clear()
+            loss = SegmentTextLoss()(local, local_txt, scale, text_ids=ids)
             loss.backward()
             results[f"loss{case}"] = loss.detach().reshape(1)
             results[f"grad{case}"] = local.grad.clone()
+            results[f"txtgrad{case}"] = local_txt.grad.clone()
+            results[f"scalegrad{case}"] = scale.grad.reshape(1).clone()
+            results[f"shapes{case}"] = torch.tensor(shapes)
     finally:
+        F.cross_entropy = cross_entropy
         dist.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
@@ -112,21 +127,31 @@ def _free_port() -> int:
 
 
 def test_unequal_segment_counts_across_two_ranks(tmp_path: Path) -> None:
-    """Each rank's loss is the single-process loss on all pairs; gradients reach each rank's rows.
+    """Local rows against global columns (open_clip's ``local_loss=True``) gives the single-process
+    loss on all pairs, and the gradient of it.
 
-    ``torch.distributed.nn.all_gather`` sums the ranks' gradients in backward (every rank computes
-    the same global loss), so a rank's gradient is ``world_size`` times the global one; DDP's
-    averaging divides that back, exactly as in open_clip.
+    Each rank materialises only ``[S_max, N]`` logits, not ``[N, N]``. Every rank returns the
+    global loss. ``torch.distributed.nn.all_gather`` sums the ranks' gradients in backward, so a
+    rank's embedding gradient is ``world_size`` times the global one and DDP's averaging divides that
+    back, exactly as in open_clip; the temperature's gradient, averaged over ranks as DDP does, is
+    the global one.
     """
     # fork: the children inherit the imported modules (spawn would re-import open_clip, ~10 s each)
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    for case in (0, 1):
+    for case, (s_max, n) in ((0, (5, 10)), (1, (4, 8))):
         seg, txt = _global(case)
         seg = seg.clone().requires_grad_(True)
-        ids = text_ids(TEXTS[: seg.shape[0]])
-        ref = SegmentTextLoss(rank=0, world_size=1)(seg, txt, torch.tensor(SCALE), text_ids=ids)
+        txt = txt.clone().requires_grad_(True)
+        scale = torch.tensor(SCALE, requires_grad=True)
+        ids = text_ids(TEXTS[: seg.shape[0]]) if case == 0 else None
+        ref = SegmentTextLoss(rank=0, world_size=1)(seg, txt, scale, text_ids=ids)
         ref.backward()
         for rank in (0, 1):
+            assert res[rank][f"shapes{case}"].tolist() == [[s_max, n], [s_max, n]], (case, rank)
             assert res[rank][f"loss{case}"].item() == pytest.approx(ref.item(), rel=1e-5), (case, rank)
-            torch.testing.assert_close(res[rank][f"grad{case}"], 2 * seg.grad[_case_rows(case, rank)])
+            rows = _case_rows(case, rank)
+            torch.testing.assert_close(res[rank][f"grad{case}"], 2 * seg.grad[rows])
+            torch.testing.assert_close(res[rank][f"txtgrad{case}"], 2 * txt.grad[rows])
+        mean_scale_grad = (res[0][f"scalegrad{case}"] + res[1][f"scalegrad{case}"]) / 2
+        torch.testing.assert_close(mean_scale_grad, scale.grad.reshape(1))

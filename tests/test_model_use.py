@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from trainer.model import ImageTransform, ModelConfig, SegmentTextLoss, USEModel, area_weights
+from trainer.model.area_weights import resample_matrix
 from trainer.model.backbones import _to_grid
 from trainer.model.transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
@@ -94,6 +95,24 @@ def test_resampling_keeps_geometry() -> None:
     assert out[:3, :3].min() == 1.0 and out[5:, :].max() == 0.0 and out[:, 5:].max() == 0.0
     const = _to_grid(torch.full((2, 37 * 37, 3), 2.5), 37, 24)
     torch.testing.assert_close(const, torch.full((2, 24 * 24, 3), 2.5))
+
+
+def test_dino_map_is_area_averaged_onto_the_grid() -> None:
+    """DINOv2's 37x37 patch map onto CLIP's 24x24 grid: each cell the exact area average of the
+    patches under it (a box filter), the kernel the segment area weights use."""
+    x = torch.randn(2, 37 * 37, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = _to_grid(x, 37, 24)
+    # reference: split every input patch into 24x24 sub-cells and every output cell is 37x37 of them
+    up = x.view(2, 37, 37, 3).permute(0, 3, 1, 2).repeat_interleave(24, 2).repeat_interleave(24, 3)  # [2, 3, 888, 888]
+    ref = F.avg_pool2d(up, 37).permute(0, 2, 3, 1).reshape(2, 24 * 24, 3)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    r = resample_matrix(37, 24, dtype=torch.float64)  # the pinned 1-D kernel
+    torch.testing.assert_close(r[0, :3], torch.tensor([24 / 37, 13 / 37, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(r.sum(dim=1), torch.ones(24, dtype=torch.float64))
+    one = torch.zeros(1, 37 * 37, 1, dtype=torch.float64)
+    one[0, 18 * 37 + 18] = 1.0  # the centre patch reaches only the output cells it overlaps
+    reached = _to_grid(one, 37, 24).view(24, 24).nonzero().tolist()
+    assert reached == [[11, 11], [11, 12], [12, 11], [12, 12]]
 
 
 def test_pixels_and_cached_features_give_the_same_embeddings(model: USEModel) -> None:

@@ -38,6 +38,17 @@ def _overlap(n: int, grid: int, device: torch.device) -> torch.Tensor:
     return (hi - lo).clamp_min(0).to(torch.float32)
 
 
+def resample_matrix(n: int, grid: int, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[grid, n]``: row ``i`` holds the share of output cell ``i`` covered by each of ``n`` input cells.
+
+    Both partitions tile the same extent (cells of size ``1/n`` and ``1/grid``), so ``R @ x`` is the
+    exact area average of a 1-D map ``x`` onto ``grid`` cells and ``R @ X @ R.T`` of a square 2-D map.
+    The same overlaps as the segment weights: a patch feature is averaged exactly the way a mask is.
+    """
+    return _overlap(n, grid, device or torch.device("cpu")).to(dtype) / n
+
+
 def area_weights(masks: torch.Tensor, grid: int, on_empty: Literal["zeros", "raise"] = "zeros") -> torch.Tensor:
     """``masks`` bool ``[S, H, W]`` -> float32 ``[S, grid * grid]``, each non-empty row summing to 1."""
     if masks.ndim != 3:

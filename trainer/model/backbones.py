@@ -9,8 +9,8 @@ They never train: parameters have ``requires_grad=False``, :meth:`FrozenBackbone
 in eval mode whatever the parent asks, and features are computed under ``torch.no_grad``.
 
 Features: for each configured layer, the patch tokens are reshaped to their own patch map, resampled
-onto the common ``grid x grid`` (bilinear, ``align_corners=False``: both grids tile the same
-image, so cell centres map onto cell centres; skipped when the sizes already match) and flattened
+onto the common ``grid x grid`` (exact area averages: both grids tile the same image; skipped when
+the sizes already match, see :func:`_to_grid`) and flattened
 row-major; the layer's cls token is kept at index 0. Output: ``{"clip.8": [B, 1 + G*G, C], ...}``.
 Taken before any final norm: the trainable LLN normalises each level itself.
 """
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .area_weights import resample_matrix
 from .config import ModelConfig
 
 
@@ -43,6 +44,7 @@ def _build_clip(cfg: ModelConfig) -> tuple[nn.Module, object]:
             )
         return model, SimpleTokenizer(context_length=t.context_length)
     p = cfg.clip.pretrained
+    p.register()
     kwargs = {}
     if cfg.clip_image_size is not None:
         kwargs["force_image_size"] = cfg.clip_image_size
@@ -62,18 +64,21 @@ def _build_dino(cfg: ModelConfig) -> nn.Module:
 
 
 def _to_grid(tokens: torch.Tensor, side: int, grid: int) -> torch.Tensor:
-    """Patch tokens ``[B, side*side, C]`` -> ``[B, grid*grid, C]`` (bilinear on the patch map).
+    """Patch tokens ``[B, side*side, C]`` -> ``[B, grid*grid, C]``, exact area averages.
 
-    Antialiased: going down (DINOv2's 37x37 onto CLIP's 24x24) each output patch averages the input
-    patches under its area, as the segment area weights on that grid assume, instead of sampling
-    points between them. Going up it is plain bilinear.
+    Each output cell is the average of the input patches under it, weighted by overlap area
+    (:func:`~trainer.model.area_weights.resample_matrix`, the overlaps the segment area weights use),
+    so DINOv2's 37x37 map lands on CLIP's 24x24 grid as a box filter of the right width, as the
+    area weights on that grid assume. (Antialiased bilinear would be a triangle filter reaching into
+    neighbouring cells.) Going up (tests' 4x4 onto 8x8) each input patch's value fills the cells it covers.
     """
     if side == grid:
         return tokens
-    b, n, c = tokens.shape
-    fmap = tokens.transpose(1, 2).reshape(b, c, side, side)
-    fmap = F.interpolate(fmap, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
-    return fmap.flatten(2).transpose(1, 2)
+    b, _, c = tokens.shape
+    r = resample_matrix(side, grid, tokens.device, tokens.dtype)
+    fmap = tokens.reshape(b, side, side, c)
+    out = torch.einsum("ir,brsc,js->bijc", r, fmap, r)
+    return out.reshape(b, grid * grid, c)
 
 
 class FrozenBackbones(nn.Module):

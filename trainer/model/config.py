@@ -32,10 +32,33 @@ class _Strict(BaseModel):
 
 
 class PretrainedClip(_Strict):
-    """A real open_clip model. ``pretrained`` is a tag (``openai``) or a local checkpoint file."""
+    """A real open_clip model, built by ``open_clip.create_model(model_name, pretrained=...)``.
+
+    ``pretrained`` is a tag (``openai``) or a local checkpoint file (``.safetensors``/``.bin``/``.pt``).
+    ``config_file`` optionally names an open_clip model config JSON (``{"embed_dim", "vision_cfg",
+    "text_cfg"}``) to register first (``open_clip.add_model_config``) for architectures open_clip
+    does not ship; ``model_name`` must then be its file stem, which is how open_clip names it.
+    """
 
     model_name: str = "ViT-L-14-336-quickgelu"
     pretrained: str = "openai"
+    config_file: str | None = None
+
+    @model_validator(mode="after")
+    def _name_matches_config(self) -> PretrainedClip:
+        if self.config_file is not None and Path(self.config_file).stem != self.model_name:
+            raise ValueError(f"clip.pretrained.config_file {self.config_file!r}: open_clip names it "
+                             f"{Path(self.config_file).stem!r}, not model_name {self.model_name!r}")
+        return self
+
+    def register(self) -> None:
+        """Make ``model_name`` known to open_clip (a no-op for the models it ships)."""
+        if self.config_file is not None:
+            import open_clip
+
+            if not Path(self.config_file).is_file():
+                raise FileNotFoundError(f"clip.pretrained.config_file {self.config_file} not found")
+            open_clip.add_model_config(self.config_file)
 
 
 class TinyClip(_Strict):
@@ -122,6 +145,7 @@ class ModelConfig(_Strict):
             return t.image_size, t.patch_size, t.embed_dim
         import open_clip
 
+        self.clip.pretrained.register()
         cfg = open_clip.get_model_config(self.clip.pretrained.model_name)
         if cfg is None:
             if self.clip_image_size is None or self.embed_dim is None or self.grid is None:
