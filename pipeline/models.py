@@ -8,6 +8,11 @@ directory or to ``models_dir``) or a Hugging Face hub id such as ``llava-hf/llav
 says, and every actor on every node loads the same bytes; a missing model fails at actor start with
 one :class:`ModelNotFoundError` naming the spec, where it was looked for, and the download command.
 :func:`download` is the one place that goes online (for users with internet).
+
+Loading takes plain arguments (a spec, a models directory, a device, a dtype), so that evaluation
+and benchmarks load SAM exactly as the segmenter stage does, without a stage config:
+:func:`load_pretrained` for any transformers processor/model pair, :func:`load_sam` for SAM (its
+prompt encoder kept in float32, see :func:`load_sam`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger(__name__)
 
 #: Environment variable naming the default models directory (used when a config gives none).
@@ -25,6 +32,15 @@ MODELS_DIR_ENV = "USE_MODELS_DIR"
 DOWNLOAD_COMMAND = "python -m pipeline models download"
 #: Job-config sections whose ``model`` is a transformers checkpoint.
 MODEL_STAGES = ("captioner", "grounder", "segmenter")
+#: The stages' default weights (the ``model`` defaults of ``pipeline.stages.config``; a test keeps
+#: the two equal). A table here, so this module never imports the stages that import it.
+DEFAULT_MODELS: dict[str, str] = {
+    "captioner": "llava-hf/llava-1.5-7b-hf",
+    "grounder": "IDEA-Research/grounding-dino-base",
+    "segmenter": "facebook/sam-vit-huge",
+}
+#: Dtype names a config may give; "auto" is bfloat16 on GPU and float32 on CPU.
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 #: Files never needed to load with transformers + PyTorch (other frameworks' weights).
 _IGNORE = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "tf_model*", "flax_model*", "rust_model*", "*.gguf"]
 
@@ -95,16 +111,70 @@ def model_specs(config_models: Mapping[str, str] | Any = None) -> dict[str, str]
     if isinstance(config_models, Mapping):
         return {str(k): str(v) for k, v in config_models.items()}
     if config_models is None:
-        from pipeline.stages.config import CaptionerConfig, GrounderConfig, SegmenterConfig
-
-        return {"captioner": CaptionerConfig().model, "grounder": GrounderConfig().model,
-                "segmenter": SegmenterConfig().model}
+        return dict(DEFAULT_MODELS)
     specs = {}
     for name in MODEL_STAGES:
         section = getattr(config_models, name, None)
         if section is not None and getattr(section, "enabled", True) and getattr(section, "model", None):
             specs[name] = section.model
     return specs
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` or the first visible GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` per actor), else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """bf16 on GPU for ``"auto"`` (the checkpoints' training precision, no fp16 overflow), fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def load_pretrained(spec: str, processor_cls: Any, model_cls: Any, *, models_dir: str | os.PathLike | None = None,
+                    device: str | torch.device | None = None, dtype: str | torch.dtype = "auto"
+                    ) -> tuple[Any, Any, torch.device, torch.dtype]:
+    """Resolve ``spec`` on disk and load ``(processor, model, device, dtype)``, the model in eval mode.
+
+    A missing model raises :class:`ModelNotFoundError` (naming the download command); any other load
+    failure raises ``RuntimeError`` naming the model and the directory.
+    """
+    path = resolve(spec, models_dir)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    try:
+        processor = processor_cls.from_pretrained(path)
+        model = model_cls.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise RuntimeError(f"could not load model {spec!r} from {path}: {type(e).__name__}: {e}") from e
+    model.to(device).eval()
+    return processor, model, device, dtype
+
+
+def load_sam(spec: str, *, models_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
+             dtype: str | torch.dtype = "auto") -> tuple[Any, Any, torch.device, torch.dtype]:
+    """``(SamProcessor, SamModel, device, dtype)`` with the prompt encoder in float32.
+
+    In bfloat16 a box corner at x = 1000 of the 1024 input frame is rounded to a multiple of 4
+    (8 bits of mantissa) before its positional encoding, so box edges on large images move by
+    several pixels. The prompt encoder and the shared positional embedding are tiny, so they stay
+    in float32 whatever ``dtype`` the image encoder and mask decoder run in;
+    :func:`pipeline.sam.decode_prompts` casts their outputs to the decoder's dtype.
+    """
+    from transformers import SamModel, SamProcessor
+
+    processor, model, device, dtype = load_pretrained(spec, SamProcessor, SamModel, models_dir=models_dir,
+                                                      device=device, dtype=dtype)
+    model.prompt_encoder.float()
+    model.shared_image_embedding.float()
+    return processor, model, device, dtype
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from pipeline.record import Box, Record, records_of
 from pipeline.stages.config import SegmenterConfig
-from pipeline.stages.segmenter import Segmenter, component_sizes, remove_small_regions, stability_score
+from pipeline.stages.segmenter import Segmenter
 from shards import rle as rle_utils
 
 LOW = 16  # the tiny SAM's low-resolution mask side (4x its 4x4 image embedding)
@@ -79,13 +79,13 @@ def test_low_res_mask_lands_on_the_right_pixels(segmenter, monkeypatch, h, w, lo
 
 def test_boxes_are_scaled_to_the_model_input(segmenter, monkeypatch):
     seen = {}
-    forward = type(segmenter.model).forward
+    forward = segmenter.model.prompt_encoder.forward
 
-    def spy(*args, **kwargs):
+    def spy(**kwargs):
         seen["boxes"] = kwargs["input_boxes"].clone()
-        return forward(segmenter.model, *args, **kwargs)
+        return forward(**kwargs)
 
-    monkeypatch.setattr(segmenter.model, "forward", spy)
+    monkeypatch.setattr(segmenter.model.prompt_encoder, "forward", spy)
     _run(segmenter, [_record(0, [[24, 12, 72, 36], [0, 0, 96, 48]])], [image_bytes(96, 48)])
     assert seen["boxes"].tolist() == [[[16, 8, 48, 24], [0, 0, 64, 32]]]  # longest side 96 -> 64
 
@@ -161,39 +161,6 @@ def test_small_islands_and_holes_are_removed(monkeypatch):
     labels, n = ndimage.label(mask)
     assert n == 1 and not ndimage.binary_fill_holes(mask)[~mask].any()
     assert mask[60:66, 84:90].sum() == 0 and mask[24:30, 36:42].all()
-
-
-def test_component_sizes_match_scipy():
-    rng = np.random.default_rng(0)
-    masks = rng.random((6, 23, 31)) < np.linspace(0.3, 0.7, 6)[:, None, None]
-    sizes = component_sizes(torch.from_numpy(masks)).numpy()
-    for m, s in zip(masks, sizes, strict=True):
-        labels, _ = ndimage.label(m, structure=np.ones((3, 3)))
-        counts = np.bincount(labels.ravel())
-        want = np.where(m, counts[labels], 0)
-        assert (s == want).all()
-
-
-def test_remove_small_regions_matches_sam_semantics():
-    rng = np.random.default_rng(1)
-    masks = rng.random((4, 30, 40)) < 0.45
-    out = remove_small_regions(torch.from_numpy(masks), 6).numpy()
-    eight = np.ones((3, 3))
-    for m, o in zip(masks, out, strict=True):
-        holes, _ = ndimage.label(~m, structure=eight)
-        hole_sizes = np.bincount(holes.ravel())
-        filled = m | ((holes > 0) & (hole_sizes[holes] < 6))
-        islands, _ = ndimage.label(filled, structure=eight)
-        sizes = np.bincount(islands.ravel())
-        sizes[0] = 0
-        keep = (sizes >= 6) | (sizes == sizes.max())
-        keep[0] = False
-        assert (o == keep[islands]).all()
-
-
-def test_stability_score():
-    logits = torch.tensor([[[5.0, 0.5], [-0.5, -5.0]]])
-    assert stability_score(logits, 0.0, 1.0).tolist() == pytest.approx([1 / 3])
 
 
 def test_real_tiny_forward():

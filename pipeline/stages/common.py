@@ -1,4 +1,4 @@
-"""What the model stages share: device and dtype choice, and decoding the images of a batch."""
+"""What the model stages share: loading a model from a stage config, and decoding the images of a batch."""
 
 from __future__ import annotations
 
@@ -11,26 +11,12 @@ import torch
 from PIL import Image
 
 from pipeline.images import MAX_PIXELS, decode
-from pipeline.models import resolve
+from pipeline.models import ModelNotFoundError, load_pretrained
 from pipeline.record import Record
 
 from .config import ModelStageConfig
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(config: ModelStageConfig) -> torch.device:
-    """``config.device`` or the first visible GPU (Ray sets ``CUDA_VISIBLE_DEVICES`` per actor)."""
-    if config.device:
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(config: ModelStageConfig, device: torch.device) -> torch.dtype:
-    """bf16 on GPU (the checkpoints' training precision, no fp16 overflow), fp32 on CPU."""
-    if config.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, config.dtype)
 
 
 def decode_pending(batch: dict[str, np.ndarray], records: Sequence[Record], stage: str,
@@ -68,16 +54,13 @@ def load_model(stage: str, config: ModelStageConfig, processor_cls: Any, model_c
     Missing weights raise :class:`pipeline.models.ModelNotFoundError` naming the download command;
     any other load failure is re-raised naming the stage and the model (a config error stops the job).
     """
-    path = resolve(config.model, config.models_dir)
-    device = pick_device(config)
-    dtype = pick_dtype(config, device)
     try:
-        processor = processor_cls.from_pretrained(path)
-        model = model_cls.from_pretrained(path, dtype=dtype)
+        return load_pretrained(config.model, processor_cls, model_cls, models_dir=config.models_dir,
+                               device=config.device, dtype=config.dtype)
+    except ModelNotFoundError:
+        raise
     except Exception as e:
         raise load_error(stage, config.model, e) from e
-    model.to(device).eval()
-    return processor, model, device, dtype
 
 
 def load_error(stage: str, spec: str, error: BaseException) -> RuntimeError:

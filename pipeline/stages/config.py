@@ -126,6 +126,8 @@ class SegmenterConfig(ModelStageConfig):
     model: str = "facebook/sam-vit-huge"
     image_batch_size: int = Field(4, ge=1, description="images per image-encoder forward")
     boxes_per_batch: int = Field(32, ge=1, description="box prompts per mask-decoder forward")
+    mask_pixel_budget: int = Field(1 << 26, ge=1, description="upscaled mask pixels decoded at once (float32: "
+                                   "256 MiB); fewer boxes per forward on large images")
     multimask: bool = Field(False, description="three masks per box, keep the best by predicted IoU")
     mask_threshold: float = 0.0
     pred_iou_thresh: float = Field(0.7, ge=0, le=1, description="drop masks SAM itself rates lower; 0: off")
