@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -149,6 +150,23 @@ def test_save_and_load_round_trip(model: USEModel, tmp_path: Path) -> None:
     px = _pixels(model)
     torch.testing.assert_close(loaded(px, weights, idx), model(px, weights, idx), atol=0, rtol=0)
     torch.testing.assert_close(loaded.encode_text(["x y"]), model.encode_text(["x y"]), atol=0, rtol=0)
+
+
+def test_from_pretrained_takes_a_hub_id_offline(model: USEModel, tmp_path: Path, monkeypatch) -> None:
+    """``USEModel.from_pretrained("org/name")`` through huggingface_hub: with HF_HUB_OFFLINE set it reads
+    the hub cache (laid out here as ``hf_hub_download`` leaves it), and a missing model is one clear error."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "hub" / "models--use-org--use-tiny"
+    model.save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    loaded = USEModel.from_pretrained("use-org/use-tiny", cache_dir=tmp_path / "hub")
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(loaded.trainable_state_dict()[k], v), k
+    with pytest.raises(FileNotFoundError, match="use-org/absent: no such folder, and not available from the Hugging"):
+        USEModel.from_pretrained("use-org/absent", cache_dir=tmp_path / "hub")
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        USEModel.from_pretrained(tmp_path / "no" / "such" / "dir")
 
 
 def test_dino_from_a_saved_folder(config: ModelConfig, model: USEModel, tmp_path: Path) -> None:

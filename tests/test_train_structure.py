@@ -10,8 +10,8 @@ from trainer.checkpoint import trainable_state
 from trainer.distributed import rank_world
 from trainer.model import ModelConfig, named_trainable
 from trainer.model.backbones import FrozenBackbones
+from trainer.optim import make_optimizer
 from trainer.runtime import build_model, model_config
-from trainer.train import make_optimizer
 
 
 def test_model_config_is_resolved_once_and_fully():

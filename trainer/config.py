@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError
 
 
 class _Strict(BaseModel):
@@ -92,22 +94,35 @@ class TrainConfig(_Strict):
         if not p.is_absolute() and not p.exists() and self.config_dir is not None:
             p = Path(self.config_dir) / p
         if not p.exists():
-            raise FileNotFoundError(f"model config {self.model!r} not found (cwd or {self.config_dir})")
+            raise InputError(f"model config {self.model!r} not found (cwd or {self.config_dir})")
         return str(p)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """Read a YAML file (``yaml.safe_load``), apply ``key=value`` overrides, validate."""
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise InputError(f"--config {path}: no such file") from e
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"--config {path}: not readable YAML ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a training config must be a mapping")
-        raw = apply_overrides(raw, overrides or [])
+            raise InputError(f"{path}: a training config must be a mapping")
+        try:
+            raw = apply_overrides(raw, overrides or [])
+        except ValueError as e:
+            raise InputError(str(e)) from e
         keys = {o.split("=", 1)[0].strip() for o in overrides or []}
         for a, b in (("steps", "epochs"), ("epochs", "steps")):
             if a in keys and b not in keys:
                 raw.pop(b, None)  # `steps=N` on the command line replaces the file's `epochs`, and back
         raw["config_dir"] = str(Path(path).resolve().parent)
-        return cls.model_validate(raw)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:  # one line: "where: what" for each problem
+            problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'config'}: {err['msg']}"
+                                 for err in e.errors())
+            raise InputError(f"{path}: {problems}") from e
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

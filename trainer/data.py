@@ -50,6 +50,7 @@ from shards import ShardSample
 from .cache import FeatureCacheReader
 from .config import DataConfig
 from .distributed import rank_world
+from .errors import InputError
 from .model.segments import segment_inputs
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def count_samples(urls: list[str]) -> int:
         try:
             total += shards.read_stats(url).samples
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{url} has no stats file; set data.samples_per_epoch") from e
+            raise InputError(f"{url} has no stats file (*.stats.json beside it): write the shards with "
+                             f"the pipeline or set data.samples_per_epoch") from e
     return total
 
 
@@ -79,7 +81,7 @@ def steps_per_epoch(cfg: DataConfig, urls: list[str], world_size: int) -> int:
     samples = cfg.samples_per_epoch or count_samples(urls)
     steps = samples // (cfg.batch_size * world_size)
     if steps < 1:
-        raise ValueError(f"{samples} samples do not fill one global batch of {cfg.batch_size} x {world_size}")
+        raise InputError(f"{samples} samples do not fill one global batch of {cfg.batch_size} x {world_size}")
     return steps
 
 
@@ -87,7 +89,7 @@ def check_enough_shards(cfg: DataConfig, urls: list[str], world_size: int) -> No
     """Without resampling every worker of every rank needs a shard of its own (open_clip asserts the same)."""
     needed = world_size * max(1, cfg.workers)
     if not cfg.resampled and len(urls) < needed:
-        raise ValueError(f"{len(urls)} shards for {world_size} ranks x {max(1, cfg.workers)} workers: each needs "
+        raise InputError(f"{len(urls)} shards for {world_size} ranks x {max(1, cfg.workers)} workers: each needs "
                          f"its own shard; write more, smaller shards, lower data.workers, or set data.resampled=true")
 
 

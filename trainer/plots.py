@@ -10,6 +10,20 @@ import json
 from pathlib import Path
 
 
+def metric_rows(metrics_jsonl: str | Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``, one per step in step order: where a step was logged twice (a
+    resumed run's log from before the fix that cuts it back, or a hand-joined log) the last one wins,
+    since it is what the final weights were trained with. Lines cut by a crash are skipped."""
+    by_step: dict[int, dict] = {}
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        try:
+            row = json.loads(line)
+            by_step[int(row["step"])] = row
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     """Loss (with a moving average), temperature, learning rate and throughput against the step."""
     import matplotlib
@@ -17,8 +31,7 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if not r.get("skipped")]
+    rows = [r for r in metric_rows(metrics_jsonl) if not r.get("skipped")]
     if not rows:
         raise ValueError(f"{metrics_jsonl} has no finished steps to plot")
     steps = [r["step"] for r in rows]

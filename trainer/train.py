@@ -3,8 +3,9 @@
 One step: a batch of images per rank (a variable number of segments each) -> frozen backbone
 features (or the feature cache) -> segment embeddings through the DDP-wrapped model -> frozen text
 embeddings of one randomly drawn text per segment -> symmetric contrastive loss with negatives
-from every rank -> backward, global-norm clipping, AdamW step. The learning rate is a pure
-function of the step (linear warmup, cosine decay), so resuming needs only the step number.
+from every rank -> backward, global-norm clipping, AdamW step, scheduler step (warmup + cosine,
+:mod:`trainer.optim`). The learning rate is a function of the step alone, so resuming needs only the
+step number.
 
 A non-finite loss or gradient norm is reported (log line, ``train/skipped_steps`` scalar,
 ``skipped`` in ``metrics.jsonl``) and that step makes no update: gradients are dropped, the
@@ -14,16 +15,20 @@ run that had no such event.
 
 Outputs under ``OUTPUT/``: ``train_config.yaml``, ``metrics.jsonl`` (one line per step, rank 0),
 ``tensorboard/``, ``checkpoints/step-*/`` (see :mod:`trainer.checkpoint`), ``final/`` (the model via
-``save_pretrained``), ``training.png`` (curves, :mod:`trainer.plots`), and with ``log_keys`` ``keys/rank{R}.txt`` (which samples each rank saw).
+``save_pretrained``), ``summary.json``, ``training.png`` (curves, :mod:`trainer.plots`), and with
+``log_keys`` ``keys/rank{R}.txt`` (which samples each rank saw). An output directory that already
+holds a run needs ``resume`` or ``overwrite`` (:mod:`trainer.rundir`). A run in which every step was
+skipped, or whose weights end non-finite, raises :class:`~trainer.errors.TrainingFailed` and writes
+no final model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,32 +39,36 @@ from tqdm import tqdm
 import shards
 
 from .cache import FeatureCacheReader
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .config import OptimConfig, TrainConfig
+from .checkpoint import restore, save_checkpoint
+from .config import TrainConfig
 from .data import SKIP, SampleProcessor, check_enough_shards, make_loader, steps_per_epoch
 from .distributed import DistInfo, all_sum, all_true, barrier, cleanup, init_distributed, rank_divergence
+from .errors import InputError, TrainingFailed
+from .files import atomic_write_text
 from .model import SegmentTextLoss, USEModel, named_trainable, text_ids
+from .optim import make_optimizer, make_scheduler
 from .plots import plot_metrics
+from .rundir import check_run_dir, clear_run_dir, rewind_logs
 from .runtime import autocast_for, build_model, seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
-    """Linear warmup over ``warmup_steps`` then cosine from ``lr`` down to ``min_lr`` at ``total``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS`` (tqdm's own format, so the log line and the progress bar agree)."""
+    return tqdm.format_interval(max(0, int(seconds)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (open_clip's rule: not on norms, biases, scales, temperature)."""
-    decay, no_decay = [], []
-    for name, p in named_trainable(model):
-        (decay if p.ndim >= 2 and "logit_scale" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+def shard_list(shards_dir: str | Path) -> list[str]:
+    """The shards to train on, or an :class:`InputError` naming what is missing."""
+    p = str(shards_dir)
+    local = "://" not in p and not p.startswith("pipe:") and "{" not in p
+    if local and not Path(p).exists():
+        raise InputError(f"--shards {p}: no such directory")
+    try:
+        return shards.shard_urls(shards_dir)
+    except FileNotFoundError as e:
+        raise InputError(f"--shards {p}: {e}") from e
 
 
 def make_processor(cfg: TrainConfig, model: USEModel, shards_dir: Path) -> SampleProcessor:
@@ -86,26 +95,28 @@ class Trainer:
     """Holds the state of one training run; :meth:`run` trains to ``total_steps``."""
 
     def __init__(self, cfg: TrainConfig, shards_dir: str | Path, output: str | Path, resume: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, overwrite: bool = False):
         self.cfg, self.output = cfg, Path(output)
         self.shards_dir = Path(shards_dir)
         self.info: DistInfo = init_distributed(device)
         self.device = self.info.device
+        # Inputs first, on every rank and before anyone writes: a refused start leaves nothing behind.
+        check_run_dir(self.output, resume, overwrite)
+        self.urls = shard_list(shards_dir)
+        check_enough_shards(cfg.data, self.urls, self.info.world_size)
+        self.steps_per_epoch = steps_per_epoch(cfg.data, self.urls, self.info.world_size)
+        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         seed_everything(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.loss_fn = SegmentTextLoss()
-        self.urls = shards.shard_urls(self.shards_dir)
-        check_enough_shards(cfg.data, self.urls, self.info.world_size)
-        self.steps_per_epoch = steps_per_epoch(cfg.data, self.urls, self.info.world_size)
-        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.processor = make_processor(cfg, self.model, self.shards_dir)
         self.step, self.samples_seen, self.segments_seen, self.skipped = 0, 0, 0, 0
-        ckpt = resolve_checkpoint(self.output, resume)
-        if resume is not None and ckpt is None:
+        restored = restore(self.output, resume, self.model, self.optimizer, self.info)
+        if resume is not None and restored is None:
             log.warning("--resume: no checkpoint under %s; starting from step 0", self.output)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, self.model, self.optimizer, self.info)
+        if restored is not None:
+            _, state = restored
             self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
             self.segments_seen, self.skipped = int(state["segments_seen"]), int(state["skipped_steps"])
             if state.get("world_size") != self.info.world_size or state.get("batch_size") != cfg.data.batch_size:
@@ -113,6 +124,8 @@ class Trainer:
             if state.get("scheduler") and state["scheduler"] != self._schedule():
                 log.warning("resuming with another LR schedule than the checkpoint's (%s now, %s saved): the "
                             "rest of the run follows the new one", self._schedule(), state["scheduler"])
+        self.start_step, self.start_skipped = self.step, self.skipped
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, self.total_steps, step=self.step)
         self.ddp = self.model
         if self.info.distributed:
             # The frozen backbones (0.6 B parameters for ViT-L + DINOv2-L) are built identically on every
@@ -124,13 +137,23 @@ class Trainer:
             DDP._set_params_and_buffers_to_ignore_for_model(self.model, frozen)
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                            broadcast_buffers=False, find_unused_parameters=cfg.find_unused_parameters)
+        barrier()  # every rank has checked the run directory before rank 0 changes it
         self.tb = self.metrics = self.keys_file = None
         if self.info.is_master:
+            if overwrite and resume is None:
+                clear_run_dir(self.output)
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "train_config.yaml").write_text(cfg.to_yaml())
+            atomic_write_text(self.output / "train_config.yaml", cfg.to_yaml())
+        barrier()
+        dropped = rewind_logs(self.output, self.step, self.info.rank) if restored is not None else 0
+        if dropped:
+            log.info("logs cut back to step %d (%d lines of steps trained again now)", self.step, dropped)
+        if self.info.is_master:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.output / "tensorboard"))
+            # purge_step: TensorBoard hides this directory's events from the resumed step on
+            self.tb = SummaryWriter(str(self.output / "tensorboard"),
+                                    purge_step=self.step + 1 if restored is not None else None)
             self.metrics = (self.output / "metrics.jsonl").open("a")
         if cfg.log_keys:
             (self.output / "keys").mkdir(parents=True, exist_ok=True)
@@ -147,9 +170,7 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
-        lr = lr_at(self.step, self.total_steps, self.cfg.optim)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = self.scheduler.get_last_lr()[0]
         moved = _to(batch, self.device)
         with torch.no_grad():
             text_emb = self.model.encode_text(batch["texts"]).float()
@@ -170,6 +191,9 @@ class Trainer:
             log.warning("step %d: non-finite %s (loss %s, grad norm %s): step skipped, no update made",
                         self.step + 1, "loss" if not loss_ok else "gradient", float(loss.detach()), float(grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped step steps the schedule without an optimizer step, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()  # skipped steps too: the rate follows the step count
         return {"loss": float(loss.detach()), "lr": lr, "logit_scale": float(scale.detach()),
                 "grad_norm": float(grad_norm), "skipped": not ok, "segments": len(batch["texts"])}
 
@@ -194,6 +218,7 @@ class Trainer:
                    disable=not (self.info.is_master and sys.stderr.isatty()))
         window = {"data": 0.0, "compute": 0.0, "segments": 0.0, "images": 0.0, "steps": 0.0}
         last = None
+        self.t_start = time.perf_counter()
         t_wait = time.perf_counter()
         for epoch, batch in self.batches():
             t_data = time.perf_counter() - t_wait
@@ -237,17 +262,34 @@ class Trainer:
             log.error("trainable parameters differ across ranks by up to %g", divergence)
         summary = {"steps": self.step, "skipped_steps": self.skipped, "world_size": self.info.world_size,
                    "rank_param_max_diff": divergence, "last": last, "output": str(self.output)}
+        failure = self._failure()
+        if failure:
+            summary["failed"] = failure
         if self.info.is_master:
-            final = self.model.save_pretrained(self.output / "final")
-            (self.output / "summary.json").write_text(json.dumps(summary, indent=1))
-            log.info("final model written to %s (%d steps, %d skipped)", final, self.step, self.skipped)
+            if not failure:
+                final = self.model.save_pretrained(self.output / "final")
+                log.info("final model written to %s (%d steps, %d skipped)", final, self.step, self.skipped)
+            atomic_write_text(self.output / "summary.json", json.dumps(summary, indent=1))
             try:
                 log.info("training curves in %s", plot_metrics(self.output / "metrics.jsonl",
                                                                self.output / "training.png"))
-            except ValueError as e:  # e.g. every step skipped: nothing to draw, the run itself is fine
+            except ValueError as e:  # e.g. every step skipped: nothing to draw
                 log.warning("no training curves: %s", e)
         barrier()
+        if failure:
+            raise TrainingFailed(failure)
         return summary
+
+    def _failure(self) -> str | None:
+        """Why this run produced nothing usable, or None: every step it ran skipped, or non-finite weights."""
+        ran, skipped = self.step - self.start_step, self.skipped - self.start_skipped
+        if ran > 0 and skipped == ran:
+            return (f"all {ran} steps of this run were skipped (non-finite loss or gradients, see the warnings): "
+                    f"no final model written")
+        bad = [n for n, p in named_trainable(self.model) if not bool(torch.isfinite(p).all())]
+        if bad:
+            return f"non-finite weights {bad[:5]} at step {self.step}: no final model written"
+        return None
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": self.step % self.steps_per_epoch,
@@ -268,11 +310,18 @@ class Trainer:
                        "step_time": compute / steps, "skipped_steps": self.skipped}
             for k, v in scalars.items():
                 self.tb.add_scalar(f"train/{k}", v, self.step)
+            eta = format_eta(self._eta_s())
             bar.set_postfix(loss=f"{out['loss']:.4f}", seg_s=f"{seg_s:.0f}", data=f"{data / (data + compute + 1e-9):.0%}")
             bar.update(self.step - bar.n)
-            log.info("step %d/%d loss %.4f lr %.2e T %.4f | %.0f segments/s, %.0f images/s | data %.3fs step %.3fs",
-                     self.step, self.total_steps, out["loss"], out["lr"], 1.0 / out["logit_scale"], seg_s, img_s,
-                     data / steps, compute / steps)
+            log.info("step %d/%d loss %.4f lr %.2e T %.4f | %.0f segments/s, %.0f images/s | data %.3fs step %.3fs"
+                     " | eta %s", self.step, self.total_steps, out["loss"], out["lr"], 1.0 / out["logit_scale"],
+                     seg_s, img_s, data / steps, compute / steps, eta)
+
+    def _eta_s(self) -> float:
+        """Seconds to the last step at this run's mean pace so far (data wait included)."""
+        done = self.step - self.start_step
+        elapsed = time.perf_counter() - self.t_start
+        return elapsed / max(done, 1) * (self.total_steps - self.step)
 
     def _flush(self) -> None:
         for f in (self.metrics, self.keys_file):
@@ -291,9 +340,13 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, shards_dir: str | Path, output: str | Path, resume: str | None = None,
-          device: str | None = None) -> dict[str, Any]:
-    """Train to the configured length; returns a summary (steps, skipped steps, last step's figures)."""
-    trainer = Trainer(cfg, shards_dir, output, resume=resume, device=device)
+          device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train to the configured length; returns a summary (steps, skipped steps, last step's figures).
+
+    Raises :class:`~trainer.errors.InputError` before writing anything when the inputs or the run
+    directory do not allow the run, :class:`~trainer.errors.TrainingFailed` when it produced nothing usable.
+    """
+    trainer = Trainer(cfg, shards_dir, output, resume=resume, device=device, overwrite=overwrite)
     try:
         return trainer.run()
     finally:

@@ -28,10 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..files import atomic_write_text, save_safetensors
 from .backbones import FrozenBackbones
 from .config import ModelConfig
 from .segments import Masks, segment_inputs
@@ -215,18 +218,36 @@ class USEModel(nn.Module):
         self.load_state_dict(state, strict=False)
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """``config.json`` + ``model.safetensors`` (trainable weights), written atomically with umask permissions."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.trainable_state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        atomic_write_text(out / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_safetensors(self.trainable_state_dict(), out / WEIGHTS_NAME, metadata={"format": "pt"})
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> USEModel:
-        """Rebuild from ``config.json`` (backbones from their named weights) and load the safetensors."""
-        src = Path(directory)
-        config = ModelConfig.from_dict(json.loads((src / CONFIG_NAME).read_text()))
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str | torch.device = "cpu",
+                        revision: str | None = None, cache_dir: str | Path | None = None) -> USEModel:
+        """Rebuild from ``config.json`` (backbones from their named weights) and load the safetensors.
+
+        ``name_or_path`` is a local folder (``save_pretrained``'s output, e.g. a run's ``final/``) or a
+        Hugging Face Hub model id (``org/name``), fetched with ``huggingface_hub.hf_hub_download``:
+        from the local cache when ``HF_HUB_OFFLINE=1`` is set, downloading otherwise.
+        """
+        src = Path(name_or_path)
+        if src.is_dir():
+            config_file, weights_file = src / CONFIG_NAME, src / WEIGHTS_NAME
+        elif src.exists() or str(name_or_path).count("/") > 1 or str(name_or_path).startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{name_or_path}: not a model folder (config.json + model.safetensors)")
+        else:
+            try:
+                config_file, weights_file = (Path(hf_hub_download(str(name_or_path), f, revision=revision,
+                                                                  cache_dir=cache_dir))
+                                             for f in (CONFIG_NAME, WEIGHTS_NAME))
+            except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError) as e:
+                raise FileNotFoundError(f"{name_or_path}: no such folder, and not available from the Hugging Face "
+                                        f"Hub ({type(e).__name__}; offline: {constants.HF_HUB_OFFLINE})") from e
+        config = ModelConfig.from_dict(json.loads(config_file.read_text()))
         model = cls(config)
-        model.load_trainable_state_dict(load_file(str(src / WEIGHTS_NAME), device=str(map_location)))
+        model.load_trainable_state_dict(load_file(str(weights_file), device=str(map_location)))
         return model.to(map_location)
