@@ -51,7 +51,7 @@ demo: setup ## main job on the embedded default: synthetic shapes -> curation on
 	$(PY) -m shards validate $(OUT)/demo/shards
 	$(PY) -m shards stats $(OUT)/demo/shards
 	$(PY) -m shards inspect $(OUT)/demo/shards --out $(OUT)/demo/overlays --limit 8
-	$(PY) -m trainer train --config trainer/configs/demo.yaml --shards $(OUT)/demo/shards --output $(OUT)/demo/train
+	$(PY) -m trainer train --config trainer/configs/demo.yaml --shards $(OUT)/demo/shards --output $(OUT)/demo/train --overwrite
 	@echo "demo done: shards in $(OUT)/demo/shards, overlays in $(OUT)/demo/overlays, model in $(OUT)/demo/train/final"
 
 curate: setup ## run a curation job: make curate CONFIG=pipeline/configs/coco.yaml ARGS="--images ... --output ..."
