@@ -7,9 +7,10 @@ poor proxy for overlap of thin or concave objects, so overlap is mask IoU comput
 
 Greedy NMS in descending score order (ties keep input order): a segment is suppressed when its IoU
 with an already kept segment exceeds ``threshold``; its texts move to the first (highest-scored)
-kept segment that suppresses it. IoU is computed per block of candidates against all masks kept
-so far (and within the block), so the Python loop is one vectorised row per kept mask and no
-``n x n`` matrix is ever built for images with thousands of masks.
+kept segment that suppresses it. Exact, and cheap: a pair can only pass the threshold when an upper
+bound of its IoU from areas and boxes does (``m / (a + b - m)``, ``m = min(a, b, box overlap)``), so
+the bound is computed vectorised over area-sorted blocks (never an ``n x n`` matrix) and the exact
+RLE IoU (pycocotools) only for the few pairs that pass it, against the masks kept so far.
 
 Texts are merged by normalised text (case and whitespace folded): one entry per text, with the
 highest score seen and the sources of every duplicate joined by ``+`` in order of first appearance
@@ -22,10 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from shards import rle as rle_utils
 
-#: Candidates per block: IoU is computed block x kept-so-far and block x block, never n x n.
+#: Rows per block of the area/box bound: memory is ``block x window``, never ``n x n``.
 BLOCK = 256
 
 
@@ -54,44 +56,84 @@ def merge_texts(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
+def _bound_pairs(boxes: np.ndarray, areas: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)``, ``i != j``, each unordered pair once, whose IoU upper bound exceeds ``threshold``.
+
+    ``|A & B| <= m = min(a, b, box overlap)`` and IoU grows with the intersection, so
+    ``IoU <= m / (a + b - m)``; with integer operands both divisions are correctly rounded, so the
+    bound in float64 is never below pycocotools' ``(double) i / (double) u``. The bound is at most
+    ``min(a, b) / max(a, b)``, so for ``threshold > 0`` a row only needs the columns whose area lies in
+    ``[threshold a, a / threshold]``: rows are taken ``block`` at a time in area order and each block
+    meets one contiguous window of the area-sorted columns.
+    """
+    n = len(areas)
+    order = np.argsort(areas, kind="stable")
+    a = areas[order].astype(np.float64)
+    x0, y0 = boxes[order, 0], boxes[order, 1]
+    x1, y1 = x0 + boxes[order, 2], y0 + boxes[order, 3]
+    rows, cols = [], []
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        if threshold > 0:  # inclusive and a hair wide: the window only has to hold every candidate
+            c1 = int(np.searchsorted(a, a[hi - 1] / threshold * (1 + 1e-9), side="right"))
+        else:
+            c1 = n
+        c0 = lo + 1  # unordered pairs once: columns after the row in area order
+        if c1 <= c0:
+            continue
+        r, c = slice(lo, hi), slice(c0, c1)
+        iw = np.minimum(x1[r, None], x1[None, c]) - np.maximum(x0[r, None], x0[None, c])
+        ih = np.minimum(y1[r, None], y1[None, c]) - np.maximum(y0[r, None], y0[None, c])
+        m = np.minimum(np.minimum(a[r, None], a[None, c]), np.clip(iw, 0, None) * np.clip(ih, 0, None))
+        bound = m / np.maximum(a[r, None] + a[None, c] - m, 1.0)
+        bound[np.arange(lo, hi)[:, None] >= np.arange(c0, c1)[None, :]] = -np.inf  # each pair once
+        ri, ci = np.nonzero(bound > threshold)
+        rows.append(order[ri + lo])
+        cols.append(order[ci + c0])
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
 def nms_keep(rles: list[dict[str, Any]], scores: np.ndarray | list[float], threshold: float,
              block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Greedy mask NMS. Returns the kept indices (in score order) and, for every input, the index
     of the kept mask it went to (itself when kept).
 
-    Candidates are taken in score order ``block`` at a time: one IoU call against every mask kept
-    so far suppresses a block's candidates at once (the first kept mask over the threshold owns
-    each), then a greedy pass over the block's own IoU matrix settles the rest. Only candidate x
-    kept and in-block pairs are computed, which is what a sequential greedy NMS looks at anyway.
+    The same decisions as the textbook loop (each candidate against every mask kept so far, one
+    ``pycocotools.mask.iou`` call each), computing exact IoUs only where :func:`_bound_pairs` says the
+    threshold can be passed: a candidate none of whose higher-scored bound partners is kept is
+    kept without any IoU call. Areas and boxes come from pycocotools too (one call each, chunked).
     """
     n = len(rles)
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
-    ranked = [rles[i] for i in order]
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
     owner = np.arange(n)  # in ranked positions
-    kept: list[int] = []
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        cand = ranked[start:stop]
-        alive = np.ones(stop - start, dtype=bool)
-        if kept:
-            over = rle_utils.iou(cand, [ranked[k] for k in kept]) > threshold
-            hit = over.any(axis=1)
-            owner[start:stop][hit] = np.asarray(kept)[over.argmax(axis=1)[hit]]
-            alive &= ~hit
-        inner = rle_utils.iou(cand, cand)
-        for j in np.flatnonzero(alive):
-            if not alive[j]:
-                continue
-            kept.append(start + int(j))
-            hit = alive & (inner[j] > threshold)
-            hit[: j + 1] = False
-            owner[start:stop][hit] = start + int(j)
-            alive &= ~hit
+    if n == 0:
+        return order, owner
+    i, j = _bound_pairs(rle_utils.bbox(rles), rle_utils.area(rles), threshold, max(1, int(block)))
+    ri, rj = rank[i], rank[j]
+    early, late = np.minimum(ri, rj), np.maximum(ri, rj)
+    by_late = np.lexsort((early, late))  # each candidate's higher-scored partners, best first
+    early, late = early[by_late], late[by_late]
+    cands, starts = np.unique(late, return_index=True)
+    partners = np.split(early, starts[1:]) if len(late) else []
+    kept = np.ones(n, dtype=bool)  # in ranked positions; only candidates with partners can lose
+    coco = [{"size": list(rles[k]["size"]), "counts": rles[k]["counts"].encode()
+             if isinstance(rles[k]["counts"], str) else rles[k]["counts"]} for k in order]
+    for c, ps in zip(cands.tolist(), partners, strict=True):
+        live = ps[kept[ps]]
+        if len(live) == 0:
+            continue
+        over = np.asarray(mask_utils.iou([coco[c]], [coco[p] for p in live], [0] * len(live))).reshape(-1) > threshold
+        if over.any():
+            kept[c] = False
+            owner[c] = live[int(over.argmax())]
     owner_orig = np.empty(n, dtype=np.int64)
     owner_orig[order] = order[owner]
-    return order[np.asarray(kept, dtype=np.int64)], owner_orig
-
+    return order[kept], owner_orig
 
 def mask_nms(segments: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
     """NMS over shard segment dicts (``rle``, ``score``, ``texts``...); the texts of suppressed
