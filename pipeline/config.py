@@ -1,9 +1,11 @@
 """The typed configuration of a curation job, loaded from YAML and overridden from the command line.
 
-One YAML file per job kind lives in ``pipeline/configs/``; every key has a documented default here,
-so a config file only says what differs. ``key=value`` overrides use dotted paths
-(``shards.max_samples=100 grounder.box_threshold=0.3``) and YAML values (``true``, ``0.3``,
-``[a, b]``), applied to the raw mapping before validation so that errors name the final value.
+One YAML file per job kind lives in ``pipeline/configs/`` (found by name: ``--config coco`` is
+``pipeline/configs/coco.yaml``); every key has a documented default here (``python -m pipeline config
+show CONFIG`` prints them all), so a config file only says what differs. ``key=value`` overrides use
+dotted paths (``shards.max_samples=100 grounder.box_threshold=0.3``) and YAML values, parsed by the
+project's one override parser (``shards.overrides``): an unknown key names itself, where it came
+from and the closest valid key.
 
 The four model stages keep their own typed sections (``pipeline.stages.config``: model, thresholds,
 and their Ray pool: ``num_actors``, ``num_gpus``, ``num_cpus``, ``batch_size``), validated at load
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.images import MAX_PIXELS, MIN_SIDE
 from pipeline.stages.config import CaptionerConfig, GrounderConfig, PhraseConfig, SegmenterConfig
+from shards import overrides
 
 STAGES = ("captioner", "phrases", "grounder", "segmenter")
 _DEFAULT_IMPL = {
@@ -31,6 +34,8 @@ _DEFAULT_IMPL = {
     "grounder": "pipeline.stages.grounder:Grounder",
     "segmenter": "pipeline.stages.segmenter:Segmenter",
 }
+#: Bundled job configs, found by name from anywhere (``--config coco``).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -44,18 +49,17 @@ class _Strict(BaseModel):
 class SourceConfig(_Strict):
     """Where the images and annotations are. Paths may also come from the CLI flags."""
 
-    kind: Literal["coco", "vg", "folder"] = "coco"
-    #: Dataset name: the key prefix, ``record.source`` and the text source of annotation texts.
-    #: Empty means the kind (``coco``...); the synthetic dataset is a COCO source named ``synth``.
-    name: str = ""
-    images: str = ""
-    annotations: str = ""  # COCO instances JSON; VG image_data.json
-    captions: str = ""  # COCO captions JSON (optional)
-    regions: str = ""  # VG region_descriptions.json
-    #: Folder source: file suffixes to pick up (case-insensitive).
-    extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"])
-    #: Stop after this many images (0 = all); for smoke runs on a big dataset.
-    limit: int = Field(0, ge=0)
+    kind: Literal["coco", "vg", "folder"] = Field("coco", description="source format")
+    name: str = Field("", description="dataset name: the key prefix, record.source and the text source of "
+                                      "annotation texts; empty means the kind (the synthetic dataset is a "
+                                      "COCO source named synth)")
+    images: str = Field("", description="image directory (--images); every file read must resolve inside it")
+    annotations: str = Field("", description="COCO instances JSON or VG image_data.json (--annotations)")
+    captions: str = Field("", description="COCO captions JSON, optional (--captions)")
+    regions: str = Field("", description="VG region_descriptions.json (--regions)")
+    extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"],
+                                  description="folder source: file suffixes picked up (case-insensitive)")
+    limit: int = Field(0, ge=0, description="stop after this many images (0 = all); for smoke runs")
 
     @property
     def dataset(self) -> str:
@@ -65,68 +69,78 @@ class SourceConfig(_Strict):
 class ReadConfig(_Strict):
     """How images are read and checked before any model sees them (one read per image)."""
 
-    #: ``draft`` decodes every image once at reduced JPEG scale (catches truncation cheaply);
-    #: ``full`` runs ``pipeline.images.decode``; ``header`` only parses the header.
-    verify: Literal["header", "draft", "full"] = "draft"
-    #: Images with a side shorter than this become failures (a 1x1 image holds no segment);
-    #: the same default as ``pipeline.images.decode`` so that no stage rejects what the read kept.
-    min_side: int = Field(MIN_SIDE, ge=1)
-    #: Decompression-bomb limit in pixels (``pipeline.images.MAX_PIXELS``; PIL itself refuses
-    #: more than 2 x 89,478,485 at open).
-    max_pixels: int = Field(MAX_PIXELS, ge=1)
-    batch_size: int = Field(16, ge=1)
+    verify: Literal["header", "draft", "full"] = Field(
+        "draft", description="draft: decode once at reduced JPEG scale (catches truncation cheaply); full: the "
+                             "stages' decoder; header: parse the header only")
+    min_side: int = Field(MIN_SIDE, ge=1, description="images with a shorter side fail (the stages' decoder "
+                                                      "uses the same limit)")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="decompression-bomb limit in pixels")
+    max_bytes: int = Field(128 << 20, ge=1, description="files larger than this fail without being read")
+    follow_symlinks_outside: bool = Field(False, description="read files whose symlinks resolve outside "
+                                                             "source.images (refused by default)")
+    batch_size: int = Field(16, ge=1, description="images per read task batch")
 
 
 class RayConfig(_Strict):
-    """Where to run. Per-stage pools (``num_actors``, ``num_gpus``, ``num_cpus``, ``batch_size``)
-    are keys of each stage's own section (``pipeline.stages.config``)."""
+    """Where to run, and how often Ray retries. Per-stage pools (``num_actors``, ``num_gpus``,
+    ``num_cpus``, ``batch_size``) are keys of each stage's own section (``pipeline.stages.config``)."""
 
-    #: Cluster to join; empty = ``RAY_ADDRESS`` if set, else a local Ray.
-    address: str = ""
-    #: Local Ray only: CPUs/GPUs to offer (None = detect).
-    num_cpus: int | None = None
-    num_gpus: int | None = None
-    #: CPUs per read / NMS task.
-    task_cpus: float = Field(1.0, gt=0)
+    address: str = Field("", description="cluster to join; empty: RAY_ADDRESS if set, else a local Ray")
+    num_cpus: int | None = Field(None, description="local Ray only: CPUs to offer (null: detect)")
+    num_gpus: int | None = Field(None, description="local Ray only: GPUs to offer (null: detect)")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs per read / NMS task")
+    task_retries: int = Field(3, ge=0, description="retries of a read / NMS task whose worker died "
+                                                   "(Ray Data's default is unlimited)")
+    max_restarts: int = Field(8, ge=0, description="restarts of a model stage actor whose process died "
+                                                   "(Ray Data's default is unlimited)")
+    max_task_retries: int = Field(4, ge=0, description="retries of a model stage batch whose actor died")
+    image_attempts: int = Field(2, ge=1, description="times a stage's process may die or time out with an "
+                                                     "image in hand before that image becomes a failure")
+    batch_timeout_s: float = Field(1800.0, ge=0, description="time limit of one model stage batch; past it the "
+                                                             "actor is restarted and the batch isolated "
+                                                             "(0: none)")
 
 
 class NmsConfig(_Strict):
-    enabled: bool = True
-    #: Mask IoU above which a segment is a duplicate of a higher-scored one (*open* in the paper;
-    #: 0.8 removes near-identical SAM masks of one object and keeps part/whole pairs).
-    iou_threshold: float = Field(0.8, gt=0, le=1)
-    batch_size: int = Field(16, ge=1)
+    """Mask NMS over each image's segments (texts of duplicates merged)."""
+
+    enabled: bool = Field(True, description="run mask NMS")
+    iou_threshold: float = Field(0.8, gt=0, le=1, description="mask IoU above which a segment is a duplicate of "
+                                 "a higher-scored one (0.8 removes near-identical SAM masks of one object and "
+                                 "keeps part/whole pairs)")
+    batch_size: int = Field(16, ge=1, description="images per NMS task batch")
 
 
 class ShardsConfig(_Strict):
-    prefix: str = "shard"
-    max_samples: int = Field(1000, ge=1)
-    max_bytes: int = Field(1 << 30, ge=1)
-    #: An image that ends with fewer segments becomes a failure (stage ``nms``): the trainer
-    #: learns only from segments.
-    min_segments: int = Field(1, ge=0)
+    """Shard files of the output directory."""
+
+    prefix: str = Field("shard", pattern=r"^[A-Za-z0-9_-]+$",
+                        description="shard file prefix (PREFIX-NNNNNN.tar); letters, digits, _ and - only")
+    max_samples: int = Field(1000, ge=1, description="samples per shard")
+    max_bytes: int = Field(1 << 30, ge=1, description="bytes per shard (a shard closes once past it)")
+    min_segments: int = Field(1, ge=0, description="an image with fewer segments fails (stage nms): the "
+                                                   "trainer learns only from segments")
 
 
 def _off(cls: type) -> Any:
-    return Field(default_factory=lambda: cls(enabled=False))
+    return Field(default_factory=lambda: cls(enabled=False), description=f"{cls.__doc__.splitlines()[0]}")
 
 
 class JobConfig(_Strict):
     """A job. A stage section present in YAML is on unless it says ``enabled: false``."""
 
-    source: SourceConfig = Field(default_factory=SourceConfig)
-    read: ReadConfig = Field(default_factory=ReadConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig, description=SourceConfig.__doc__)
+    read: ReadConfig = Field(default_factory=ReadConfig, description=ReadConfig.__doc__)
     captioner: CaptionerConfig = _off(CaptionerConfig)
     phrases: PhraseConfig = _off(PhraseConfig)
     grounder: GrounderConfig = _off(GrounderConfig)
     segmenter: SegmenterConfig = _off(SegmenterConfig)
-    #: Replace a stage by another implementation, ``{stage: "module:Class"}``; it gets the stage's config.
-    impl: dict[str, str] = Field(default_factory=dict)
-    nms: NmsConfig = Field(default_factory=NmsConfig)
-    shards: ShardsConfig = Field(default_factory=ShardsConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    #: Rows per batch the driver pulls into the shard writer.
-    write_batch_size: int = Field(32, ge=1)
+    impl: dict[str, str] = Field(default_factory=dict, description="replace a stage by another implementation, "
+                                 "{stage: 'module:Class'}; it gets the stage's config")
+    nms: NmsConfig = Field(default_factory=NmsConfig, description=NmsConfig.__doc__)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig, description=ShardsConfig.__doc__)
+    ray: RayConfig = Field(default_factory=RayConfig, description=RayConfig.__doc__.split("\n")[0])
+    write_batch_size: int = Field(32, ge=1, description="rows per batch the driver pulls into the shard writer")
 
     @model_validator(mode="after")
     def _impl_names(self) -> JobConfig:
@@ -156,38 +170,110 @@ def import_object(path: str, what: str) -> Any:
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.c=value`` (value parsed as YAML) to a nested mapping in place."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {assignment!r} must look like key.path=value")
-    parts = key.strip().split(".")
-    node = data
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {assignment!r}: {p!r} is not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        data.update(overrides.apply(data, [assignment]))
+    except overrides.OverrideError as e:
+        raise ConfigError(str(e)) from e
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Load a YAML job config (``safe_load`` only), apply dotted overrides, validate."""
+def find_config(name: str | Path) -> Path:
+    """A config path as given, else a bundled config by name (``coco`` or ``coco.yaml``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if p.parent == Path(".") and candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {p} not found (bundled configs: {bundled})")
+
+
+def load_config(path: str | Path | None = None, assignments: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a YAML job config (``safe_load`` only, a path or a bundled name), apply overrides, validate."""
     data: dict[str, Any] = {}
+    where = ""
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
+        p = find_config(path)
+        where = f"{p}: "
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping at the top level")
-    for o in overrides:
-        apply_override(data, o)
+    try:
+        if path:
+            overrides.check_keys(data, JobConfig, f"in {p}")
+        data = overrides.apply(data, assignments, JobConfig)
+    except overrides.OverrideError as e:
+        raise ConfigError(str(e)) from e
     try:
         return JobConfig.model_validate(data)
-    except ConfigError:
-        raise
-    except Exception as e:  # pydantic.ValidationError names every bad key
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}invalid job config: {e}") from e
+    except ValidationError as e:  # one line naming every bad key
+        raise ConfigError(f"{where}invalid job config: {one_line(e)}") from e
+
+
+def one_line(e: ValidationError) -> str:
+    """A pydantic error as one line: ``key.path: message (got value)`` for each error."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        got = f" (got {err['input']!r})" if err.get("type") != "missing" and not isinstance(err.get("input"), dict) else ""
+        parts.append(f"{loc + ': ' if loc else ''}{err['msg']}{got}")
+    return "; ".join(parts)
+
+
+# -- what identifies a job's data, and how a config reads -----------------------------------------
+#: Fields of stage sections that change how fast a job runs, not what it writes: left out of the fingerprint.
+_NOT_DATA = {"batch_size", "num_actors", "num_gpus", "num_cpus", "models_dir", "device", "generate_batch_size",
+             "prompt_batch_size", "image_batch_size", "pipe_batch_size", "boxes_per_batch", "max_pixels"}
+_NOT_DATA_PATHS = {("ray",), ("write_batch_size",), ("source", "limit"), ("shards", "max_samples"),
+                   ("shards", "max_bytes")}
+
+
+def data_fields(cfg: JobConfig) -> dict[str, Any]:
+    """The config's data-affecting fields, flattened to dotted keys, paths made absolute.
+
+    Two configs with equal data fields write the same samples, so their jobs can share an output
+    directory (a rerun resumes); pool sizes, batch sizes, retries, shard sizes and ``source.limit``
+    do not count.
+    """
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if path in _NOT_DATA_PATHS or (path[:1] and path[0] in STAGES and path[-1] in _NOT_DATA) or path[-1:] == ("batch_size",):
+            return
+        if isinstance(node, dict) and path != ("impl",):
+            for k, v in node.items():
+                walk(v, (*path, k))
+            return
+        key = ".".join(path)
+        if path[:1] == ("source",) and path[-1] in ("images", "annotations", "captions", "regions") and node:
+            node = str(Path(node).expanduser().resolve())
+        out[key] = node
+
+    data = cfg.model_dump(mode="json")
+    for name in STAGES:  # a stage that is off has no settings that matter
+        if not data[name]["enabled"]:
+            data[name] = {"enabled": False}
+    walk(data, ())
+    return out
+
+
+def describe(model: type[BaseModel] | BaseModel, indent: int = 0) -> list[str]:
+    """YAML lines of a (resolved) config with each key's description as a comment."""
+    lines = []
+    values = model if isinstance(model, BaseModel) else None
+    cls = type(model) if values is not None else model
+    pad = "  " * indent
+    for name, field in cls.model_fields.items():
+        value = getattr(values, name) if values is not None else field.get_default(call_default_factory=True)
+        doc = " ".join((field.description or "").split())
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:{'  # ' + doc.splitlines()[0] if doc else ''}")
+            lines.extend(describe(value, indent + 1))
+            continue
+        dumped = yaml.safe_dump({name: value if not isinstance(value, tuple) else list(value)},
+                                default_flow_style=True, width=10_000, sort_keys=False).strip()
+        lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}{'  # ' + doc if doc else ''}")
+    return lines

@@ -44,6 +44,8 @@ class Box:
 class Failure:
     stage: str
     error: str
+    #: The cause is the environment (file missing, permission), not the input: a rerun retries it.
+    retry: bool = False
 
 
 @dataclass
@@ -71,11 +73,11 @@ class Record:
         d["failure"] = Failure(**d["failure"]) if d.get("failure") else None
         return cls(**d)
 
-    def fail(self, stage: str, error: str | BaseException) -> None:
-        """Mark the record failed at ``stage`` (the first failure wins)."""
+    def fail(self, stage: str, error: str | BaseException, retry: bool = False) -> None:
+        """Mark the record failed at ``stage`` (the first failure wins); ``retry``: see :class:`Failure`."""
         if self.failure is None:
             msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-            self.failure = Failure(stage=stage, error=msg)
+            self.failure = Failure(stage=stage, error=msg, retry=retry)
 
 
 def records_of(batch: dict[str, np.ndarray]) -> list[Record]:

@@ -16,7 +16,7 @@ _EXPORTS = {
     "manifest": ("build_manifest", "read_failures", "read_manifest"),
     "reader": ("ShardSample", "decode_sample", "iter_samples", "load_image", "open_shards", "shard_urls"),
     "schema": ("SCHEMA_VERSION", "Caption", "SampleMeta", "SchemaError", "Segment", "Text", "make_key"),
-    "writer": ("ShardStats", "ShardWriter", "done_keys", "list_shards", "read_stats", "recover"),
+    "writer": ("ShardStats", "ShardWriter", "done_keys", "failure_records", "list_shards", "read_stats", "recover"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

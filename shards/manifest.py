@@ -1,7 +1,9 @@
-"""The dataset manifest: one parquet row per sample and one per failure, built from the stats files.
+"""The dataset manifest: one parquet row per sample and one per failed input, built from the stats files.
 
 The stats files are the source of truth (written atomically with each shard); the manifest is a
-derived index for humans and tools, rebuilt whenever a job finishes or resumes.
+derived index for humans and tools, rebuilt whenever a job finishes or resumes. An input that failed
+and was retried by a later run appears once: as a sample if the retry wrote it, else with its
+latest failure.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``manifest.parquet`` and ``failures.parquet`` for every committed shard in ``out_dir``."""
     out_dir = Path(out_dir)
     recover(out_dir)
-    rows, failures = [], []
+    rows, failures = [], {}
     for tar in list_shards(out_dir):
         if not stats_path(tar).exists():  # not written by ShardWriter (or copied without it): read the tar
             log.warning("%s has no stats file; its manifest rows are read from the tar", tar.name)
@@ -39,7 +41,11 @@ def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
             continue
         stats = read_stats(tar)
         rows.extend({"shard": stats.shard, **{k: row[k] for k in _MANIFEST_SCHEMA.names[1:]}} for row in stats.keys)
-        failures.extend({"shard": stats.shard, **f} for f in stats.failures)
+        for f in stats.failures:  # a rerun's record of a key supersedes an earlier failure (retried inputs)
+            failures.pop(f["key"], None)
+            failures[f["key"]] = {"shard": stats.shard, "key": f["key"], "stage": f["stage"], "error": f["error"]}
+    written = {r["key"] for r in rows}
+    failures = [f for k, f in failures.items() if k not in written]
     manifest = out_dir / MANIFEST
     failed = out_dir / FAILURES
     _write_atomic(pa.Table.from_pylist(rows, schema=_MANIFEST_SCHEMA), manifest)

@@ -16,7 +16,6 @@ import os
 import re
 import tarfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from .schema import IMAGE_EXTENSIONS, SampleMeta, is_valid_key
 log = logging.getLogger(__name__)
 
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{6})\.tar$")
+#: Shard prefixes name files inside the output directory: no separators, dots or spaces.
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -67,17 +68,18 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", max_samples: int = 1000,
-                 max_bytes: int = 1 << 30, start_index: int | None = None):
+                 max_bytes: int = 1 << 30):
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
+        if not PREFIX_RE.match(prefix):
+            raise ValueError(f"shard prefix {prefix!r} must match {PREFIX_RE.pattern} (it names files in {out_dir})")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         recover(self.out_dir)
-        self.index = next_index(self.out_dir, prefix) if start_index is None else start_index
-        self.written: list[Path] = []
+        self.index = next_index(self.out_dir, prefix)
         self._tar: wds.TarWriter | None = None
         self._file = None
         self._stats: ShardStats | None = None
@@ -114,12 +116,16 @@ class ShardWriter:
         """Whether this writer already wrote or recorded ``key`` (in this run)."""
         return key in self._keys
 
-    def add_failure(self, key: str, stage: str, error: str) -> None:
-        """Record an input that did not become a sample (committed with the current shard)."""
+    def add_failure(self, key: str, stage: str, error: str, retry: bool = False) -> None:
+        """Record an input that did not become a sample (committed with the current shard).
+
+        ``retry``: the cause was the environment (a missing file, a permission), so a rerun of the
+        job tries the input again; a later record of the same key (written or failed) supersedes it.
+        """
         if key in self._keys:
             raise ValueError(f"key {key!r} already recorded in this job")
         self._keys.add(key)
-        self._open().failures.append({"key": key, "stage": stage, "error": str(error)})
+        self._open().failures.append({"key": key, "stage": stage, "error": str(error), **({"retry": True} if retry else {})})
 
     def flush(self) -> Path | None:
         """Commit the shard being filled (if any): fsync, rename tar, then rename stats."""
@@ -143,7 +149,6 @@ class ShardWriter:
         _fsync_dir(self.out_dir)  # the renames themselves survive a power loss
         log.info("wrote %s: %d samples, %d segments, %d failures", final.name, self._stats.samples,
                  self._stats.segments, len(self._stats.failures))
-        self.written.append(final)
         self._tar = self._file = self._stats = None
         self.index += 1
         return final
@@ -239,25 +244,37 @@ def read_stats(tar_path: Path | str) -> ShardStats:
     return ShardStats(**data)
 
 
-def done_keys(out_dir: str | Path) -> tuple[set[str], set[str]]:
-    """Keys already written and keys already recorded as failures, from the committed shards."""
-    recover(out_dir)
-    written, failed = set(), set()
+def done_keys(out_dir: str | Path, *, finish_commits: bool = True) -> tuple[set[str], set[str]]:
+    """Keys already written and keys whose latest record is a failure, from the committed shards.
+
+    ``finish_commits=False`` reads without :func:`recover` (which deletes temp files): for a look at a
+    directory that another job may be writing.
+    """
+    written, latest = _records(out_dir, finish_commits)
+    return written, set(latest)
+
+
+def failure_records(out_dir: str | Path, *, finish_commits: bool = True) -> dict[str, dict]:
+    """The latest failure record (``key, stage, error``, ``retry`` when true) of every key not written."""
+    return _records(out_dir, finish_commits)[1]
+
+
+def _records(out_dir: str | Path, finish_commits: bool = True) -> tuple[set[str], dict[str, dict]]:
+    """Shards in commit order: a key written anywhere is written; otherwise its last failure stands."""
+    if finish_commits:
+        recover(out_dir)
+    written: set[str] = set()
+    failures: dict[str, dict] = {}
     for tar in list_shards(out_dir):
         st = stats_path(tar)
         if not st.exists():
+            if not finish_commits:  # its stats may still be a temp file of a commit in progress
+                continue
             log.warning("%s has no stats file; its keys are taken from the tar", tar.name)
             with tarfile.open(tar) as tf:
                 written.update(m.name.split(".", 1)[0] for m in tf.getmembers())
             continue
         stats = read_stats(tar)
         written.update(k["key"] for k in stats.keys)
-        failed.update(f["key"] for f in stats.failures)
-    return written, failed
-
-
-def summarize_sources(stats: list[ShardStats]) -> dict[str, int]:
-    total: Counter = Counter()
-    for s in stats:
-        total.update(s.sources)
-    return dict(total)
+        failures.update((f["key"], f) for f in stats.failures)
+    return written, {k: f for k, f in failures.items() if k not in written}

@@ -166,3 +166,151 @@ def test_annotation_size_disagreeing_with_the_image_is_a_read_failure(tmp_path: 
     paths["annotations"].write_text(json.dumps(inst))
     (_, rec), = _rows(CocoSource("coco", str(paths["images"]), str(paths["annotations"]))).values()
     assert rec.failure.stage == "read" and "annotation file says 25x20" in rec.failure.error
+
+
+# -- hostile inputs (issue 9): every one becomes that image's failure, or a clear error at start --------
+def _coco_with(tmp_path, objects: dict[str, object], **kw):
+    """A COCO dataset with one image per entry of ``objects`` (file name -> its segmentation)."""
+    paths = write_coco(tmp_path, dict.fromkeys(objects, (40, 30)), captions=False)
+    inst = json.loads(paths["annotations"].read_text())
+    for a, seg in zip(inst["annotations"], objects.values(), strict=True):
+        if seg is not None:
+            a["segmentation"] = seg
+    paths["annotations"].write_text(json.dumps(inst).replace("123456789.125", "1e999"))  # valid JSON, inf as float
+    return paths
+
+
+def test_hostile_segmentations_fail_their_image_at_plan(tmp_path):
+    far = [[0, 0, 1e9, 0, 1e9, 1e9]]
+    zigzag = [[v for i in range(20_000) for v in ((0, 0) if i % 2 else (39, 29))]]
+    objects = {"ok.png": None, "inf.png": [[0, 0, 123456789.125, 5, 5, 5]], "far.png": far, "zigzag.png": zigzag,
+               "odd.png": [[0, 0, 5, 0, 5]], "rle.png": {"size": [30, 40], "counts": "0;"},
+               "rlesize.png": {"size": [3000, 4000], "counts": [12_000_000]}}
+    paths = _coco_with(tmp_path, objects)
+    rows = {Record.from_json(r["record"]).file_name: Record.from_json(r["record"])
+            for r in CocoSource("coco", str(paths["images"]), str(paths["annotations"])).rows(min_side=1)}
+    assert rows["ok.png"].failure is None and len(rows["ok.png"].segments) == 1
+    reasons = {"inf.png": "non-finite", "far.png": "outside the 40x30 image", "zigzag.png": "outline",
+               "odd.png": "odd number", "rle.png": "bad compressed RLE", "rlesize.png": "differs from the image"}
+    for name, words in reasons.items():
+        f = rows[name].failure
+        assert f is not None and f.stage == "source" and words in f.error, (name, f)
+
+
+def test_hostile_file_names_never_leave_the_image_root(tmp_path):
+    paths = write_coco(tmp_path / "d", {"a.png": (20, 20), "b.png": (20, 20), "c.png": (20, 20),
+                                        "d.png": (20, 20), "e.png": (20, 20)}, captions=False)
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (20, 20)).save(secret)
+    (paths["images"] / "link.png").symlink_to(secret)
+    inst = json.loads(paths["annotations"].read_text())
+    names = ["a.png", "x\0.png", "../secret.png", str(secret), "link.png"]
+    for im, name in zip(inst["images"], names, strict=True):
+        im["file_name"] = name
+    paths["annotations"].write_text(json.dumps(inst))
+    src = CocoSource("coco", str(paths["images"]), str(paths["annotations"]))
+    rows = {r["key"]: (r["image"], Record.from_json(r["record"])) for r in src.rows(min_side=1)}
+    got = {rec.file_name: rec.failure for _, rec in rows.values()}
+    assert got["a.png"] is None
+    assert got["x\0.png"].stage == "source" and "NUL" in got["x\0.png"].error
+    assert got["../secret.png"].stage == "source" and "'..'" in got["../secret.png"].error
+    assert got[str(secret)].stage == "source" and "absolute" in got[str(secret)].error
+    assert got["link.png"].stage == "read" and "outside --images" in got["link.png"].error
+    for f in got.values():  # no absolute path and no file size in any message
+        assert f is None or (str(tmp_path) not in f.error and "bytes" not in f.error)
+    followed = {Record.from_json(r["record"]).file_name: Record.from_json(r["record"]).failure
+                for r in src.rows(min_side=1, follow_symlinks_outside=True)}
+    assert followed["link.png"] is None
+
+
+@pytest.mark.timeout(60)
+def test_fifos_devices_big_files_and_read_exceptions_are_failures_not_hangs(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.sources import base
+
+    images = tmp_path / "images"
+    images.mkdir()
+    os.mkfifo(images / "fifo.png")  # opening it for reading would block without O_NONBLOCK
+    (images / "zero.png").symlink_to("/dev/zero")  # would read without end
+    Image.effect_noise((64, 64), 50).convert("RGB").save(images / "big.png")
+    Image.new("RGB", (21, 21), (1, 2, 3)).save(images / "boom.png")
+    Image.new("RGB", (20, 20)).save(images / "ok.png")
+    src = FolderSource("folder", str(images))
+    assert {it["path"] for it in src.plan()} >= {"ok.png", "big.png"}
+    items = [base.item(make_key("folder", n), n, Record(source="folder", image_id=n, file_name=n), root=images)
+             for n in ("fifo.png", "zero.png", "big.png", "boom.png", "ok.png")]
+    real_probe = base.probe
+    boom = (images / "boom.png").read_bytes()
+    monkeypatch.setattr(base, "probe", lambda data, **kw: (_ for _ in ()).throw(MemoryError())
+                        if data == boom else real_probe(data, **kw))
+    got = {}
+    for it in items:
+        rec = Record.from_json(base.read_item(it, min_side=1, max_pixels=10**8, verify="draft", max_bytes=4000,
+                                              follow_symlinks_outside=True)["record"])
+        got[rec.file_name] = rec.failure
+    assert got["ok.png"] is None
+    assert "not a regular file" in got["fifo.png"].error and "not a regular file" in got["zero.png"].error
+    assert "read.max_bytes=4000" in got["big.png"].error
+    assert got["boom.png"].stage == "read" and "MemoryError" in got["boom.png"].error
+    gone = base.item("folder_gone", "gone.png", Record(source="folder", image_id="gone.png"), root=images)
+    missing = Record.from_json(base.read_item(gone, min_side=1, max_pixels=10**8, verify="draft")["record"]).failure
+    assert missing.retry and "not found" in missing.error  # the environment's fault: a rerun retries it
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested more than"),
+    ('{"images": [], "annotations": [{"segmentation": [[NaN, 1, 2]]}], "categories": []}', "not valid JSON"),
+])
+def test_hostile_json_is_one_clear_error(tmp_path, content, words):
+    (tmp_path / "images").mkdir()
+    ann = tmp_path / "instances.json"
+    ann.write_text(content)
+    with pytest.raises(SourceError, match=words):
+        list(CocoSource("coco", str(tmp_path / "images"), str(ann)).plan())
+
+
+def test_missing_image_root_is_an_error_before_planning(tmp_path):
+    paths = write_coco(tmp_path, {"a.png": (20, 20)})
+    with pytest.raises(SourceError, match="is not a directory"):
+        CocoSource("coco", str(tmp_path / "nope"), str(paths["annotations"]))
+    with pytest.raises(SourceError, match="is not a directory"):
+        VgSource("vg", str(tmp_path / "nope"), str(paths["annotations"]), regions=str(paths["annotations"]))
+
+
+PLAN_MEMORY = r'''
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[3])
+from pipeline.sources import CocoSource
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.time()
+items = list(CocoSource("coco", sys.argv[1], sys.argv[2]).plan())
+print(json.dumps({"rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+                  "s": time.time() - t, "n": len(items)}))
+'''
+
+
+@pytest.mark.slow
+def test_planning_a_large_annotation_file_takes_bounded_memory(tmp_path):
+    """~26 MB of polygons for 10 images: ``json.load`` + pydantic held ~17x the file as Python objects;
+    streaming keeps about one copy of the compact per-image JSON."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    images = [{"id": i, "file_name": f"{i}.png", "width": 640, "height": 480} for i in range(1, 11)]
+    poly = ",".join(f"{v:.2f}" for v in rng.uniform(0, 480, 400))
+    (tmp_path / "images").mkdir()
+    ann = tmp_path / "instances.json"
+    with open(ann, "w") as f:
+        f.write('{"images": ' + json.dumps(images) + ', "categories": [{"id": 1, "name": "x"}], "annotations": [')
+        f.write(",".join(f'{{"id": {i}, "image_id": {i % 10 + 1}, "category_id": 1, "segmentation": [[{poly}]]}}'
+                         for i in range(10_000)))
+        f.write("]}")
+    size_mb = ann.stat().st_size / 2**20
+    out = subprocess.run([sys.executable, "-c", PLAN_MEMORY, str(tmp_path / "images"), str(ann),
+                          str(Path(__file__).resolve().parents[1])], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["n"] == 10
+    assert got["rss_mb"] < 1.5 * size_mb + 64, (got, size_mb)

@@ -11,17 +11,27 @@ As in img2dataset's reader/worker split, a source works in two steps:
 
 An item that is already known to be bad (an annotation pointing to an unknown image) carries
 ``record.failure`` from the plan and is passed through untouched.
+
+Annotation files and folders come from other people, so the read treats names as untrusted: a
+``file_name`` must be a relative path inside ``--images`` (no ``..``, no absolute path, no NUL),
+its resolved path (symlinks followed) must stay inside the root unless
+``read.follow_symlinks_outside`` allows it, only regular files are read (a FIFO or ``/dev/zero``
+would block or never end), at most ``read.max_bytes`` of them, and any exception of the read is that
+image's failure. Failure messages name the ``file_name`` only: no absolute path, no file size.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import stat
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 from PIL import Image, UnidentifiedImageError
@@ -69,7 +79,7 @@ def probe(data: bytes, *, min_side: int, max_pixels: int, verify: str = "draft")
         except Image.DecompressionBombError as e:
             raise ReadError(f"over the decompression-bomb limit: {e}") from e
         except UnidentifiedImageError as e:
-            raise ReadError(f"not an image (unrecognised format, {len(data)} bytes)") from e
+            raise ReadError("not an image (unrecognised format)") from e
         except Exception as e:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError...
             raise ReadError(f"not a readable image ({type(e).__name__}: {e})") from e
         with img:
@@ -117,6 +127,14 @@ class Source(ABC):
         self.name = name or self.kind
         self.images = Path(images) if images else None
 
+    def require_images_dir(self) -> Path:
+        """``source.images`` as an existing directory, checked before anything is written."""
+        if self.images is None:
+            raise SourceError(f"a {self.kind} source needs source.images (--images, the image directory)")
+        if not self.images.is_dir():
+            raise SourceError(f"source.images (--images) {self.images} is not a directory")
+        return self.images
+
     @abstractmethod
     def plan(self) -> Iterator[dict[str, str]]:
         """Validate the annotations and yield one planned item per input image (in the driver)."""
@@ -126,18 +144,91 @@ class Source(ABC):
         """Turn the raw annotations of one image into record segments/boxes (in the worker)."""
 
     def rows(self, *, min_side: int = 8, max_pixels: int = 178_956_970, verify: str = "draft",
-             ) -> Iterator[dict[str, Any]]:
+             max_bytes: int = 1 << 28, follow_symlinks_outside: bool = False) -> Iterator[dict[str, Any]]:
         """Plan and read locally: rows ``{key, image, record}`` (for tests and small jobs)."""
         for item in self.plan():
-            yield read_item(item, min_side=min_side, max_pixels=max_pixels, verify=verify)
+            yield read_item(item, min_side=min_side, max_pixels=max_pixels, verify=verify, max_bytes=max_bytes,
+                            follow_symlinks_outside=follow_symlinks_outside)
 
 
-def item(key: str, path: Path | str | None, record: Record, ann: Any = None) -> dict[str, str]:
-    return {"key": key, "path": str(path) if path else "", "record": record.to_json(),
-            "ann": json.dumps(ann, separators=(",", ":")) if ann is not None else ""}
+def relative_name(file_name: str) -> str | None:
+    """Why ``file_name`` cannot name a file under the image root, or None when it can.
+
+    Checked lexically at planning time (no file system access): NUL bytes, absolute paths (POSIX or
+    Windows drive), ``..`` components and empty names are refused. Symlinks are checked at read time.
+    """
+    if not file_name or "\0" in file_name:
+        return "file_name is empty or holds a NUL byte"
+    p = PurePosixPath(file_name.replace("\\", "/"))
+    if p.is_absolute() or (len(file_name) > 1 and file_name[1] == ":"):
+        return "file_name is an absolute path; it must be relative to --images"
+    if ".." in p.parts:
+        return "file_name leaves --images through '..'"
+    return None
 
 
-def read_item(it: dict[str, Any], *, min_side: int, max_pixels: int, verify: str) -> dict[str, Any]:
+def item(key: str, path: str | None, record: Record, ann: Any = None, root: Path | str | None = None,
+         ) -> dict[str, str]:
+    """A planned item; ``path`` is relative to ``root`` (the image directory). ``ann`` is the raw
+    per-image annotation payload, as an object or already as compact JSON text."""
+    if path and record.failure is None:
+        reason = relative_name(str(path))
+        if reason is not None:
+            record.fail("source", reason)
+    text = ann if isinstance(ann, str) else json.dumps(ann, separators=(",", ":")) if ann is not None else ""
+    ok = record.failure is None
+    return {"key": key, "path": str(path) if path and ok else "", "root": str(root) if root and ok else "",
+            "record": record.to_json(), "ann": text if ok else ""}
+
+
+class EnvironmentReadError(ReadError):
+    """The file is missing or not readable by this process: the environment's fault, retried on rerun."""
+
+
+def read_file(root: str | Path, rel: str, *, max_bytes: int, follow_symlinks_outside: bool = False) -> bytes:
+    """The bytes of ``root/rel``, refusing what is not a regular file inside ``root`` of at most ``max_bytes``.
+
+    The file is opened with ``O_NONBLOCK`` (a FIFO without a writer would block ``open``) and checked
+    with ``fstat`` on the open descriptor, so it is the same file that is read.
+    """
+    reason = relative_name(rel)
+    if reason is not None:
+        raise ReadError(reason)
+    base = Path(root)
+    path = base / rel
+    real = Path(os.path.realpath(path))
+    if not follow_symlinks_outside and not real.is_relative_to(os.path.realpath(base)):
+        raise ReadError("resolves (through a symlink) outside --images; set read.follow_symlinks_outside=true "
+                        "to allow it")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as e:
+        raise EnvironmentReadError("image file not found") from e
+    except PermissionError as e:
+        raise EnvironmentReadError("cannot read the image file: permission denied") from e
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # a FIFO or socket opened without a peer
+            raise ReadError("not a regular file") from e
+        raise EnvironmentReadError(f"cannot read the image file: {e.strerror}") from e
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ReadError("not a regular file")
+    if st.st_size > max_bytes:
+        os.close(fd)
+        raise ReadError(f"file is larger than read.max_bytes={max_bytes}")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise EnvironmentReadError(f"cannot read the image file: {e.strerror}") from e
+    if len(data) > max_bytes:  # grew after fstat
+        raise ReadError(f"file is larger than read.max_bytes={max_bytes}")
+    return data
+
+
+def read_item(it: dict[str, Any], *, min_side: int, max_pixels: int, verify: str, max_bytes: int = 1 << 28,
+              follow_symlinks_outside: bool = False) -> dict[str, Any]:
     """One planned item to a pipeline row ``{key, image, record}``; never raises for a bad image."""
     from pipeline.sources import SOURCES  # the registry (materialize is looked up by kind)
 
@@ -146,21 +237,21 @@ def read_item(it: dict[str, Any], *, min_side: int, max_pixels: int, verify: str
     if rec.failure is not None:
         row["record"] = rec.to_json()
         return row
-    path = Path(str(it["path"]))
+    rel = str(it["path"])
+    name = rel or rec.file_name
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        rec.fail("read", f"image file not found: {path}")
-    except OSError as e:
-        rec.fail("read", f"cannot read {path}: {e}")
-    else:
-        try:
-            p = probe(data, min_side=min_side, max_pixels=max_pixels, verify=verify)
-            _check_size(rec, p)
-            rec.width, rec.height, rec.image_ext = p.width, p.height, p.ext
-            row["image"] = data
-        except ReadError as e:
-            rec.fail("read", f"{path.name}: {e}")
+        data = read_file(str(it.get("root") or ""), rel, max_bytes=max_bytes,
+                         follow_symlinks_outside=follow_symlinks_outside)
+        p = probe(data, min_side=min_side, max_pixels=max_pixels, verify=verify)
+        _check_size(rec, p)
+        rec.width, rec.height, rec.image_ext = p.width, p.height, p.ext
+        row["image"] = data
+    except EnvironmentReadError as e:
+        rec.fail("read", f"{name}: {e}", retry=True)
+    except ReadError as e:
+        rec.fail("read", f"{name}: {e}")
+    except Exception as e:  # anything else the read raises is this image's failure, never the task's
+        rec.fail("read", f"{name}: {type(e).__name__} while reading")
     if rec.failure is None and it.get("ann"):
         try:
             ann = json.loads(str(it["ann"]))

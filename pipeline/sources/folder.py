@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.record import Record
 from shards import make_key
 
-from .base import Source, SourceError, item
+from .base import Source, item
 
 
 class FolderSource(Source):
@@ -21,8 +21,7 @@ class FolderSource(Source):
     def __init__(self, name: str, images: str = "", extensions: list[str] | None = None, limit: int = 0,
                  **_: Any):
         super().__init__(name, images)
-        if self.images is None or not self.images.is_dir():
-            raise SourceError(f"a folder source needs source.images to be a directory, got {images!r}")
+        self.require_images_dir()
         self.extensions = {e.lower() if e.startswith(".") else f".{e.lower()}"
                            for e in (extensions or [".jpg", ".jpeg", ".png", ".webp"])}
         self.limit = limit
@@ -35,7 +34,7 @@ class FolderSource(Source):
             rel = path.relative_to(self.images).as_posix()
             rec = Record(source=self.name, image_id=rel, file_name=rel,
                          image_ext=path.suffix.lstrip(".").lower())
-            yield item(make_key(self.name, rel), path, rec)
+            yield item(make_key(self.name, rel), rel, rec, root=self.images)
             n += 1
             if self.limit and n >= self.limit:
                 return

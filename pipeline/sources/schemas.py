@@ -1,22 +1,37 @@
-"""Validation of annotation files, so that a malformed file stops the job at start.
+"""Validation of annotation files, streamed, so that a malformed file stops the job at start.
 
 pydantic models of the parts of the COCO and Visual Genome formats the sources use (extra keys are
 allowed: real files carry ``info``, ``licenses``, ``coco_url``...). Errors are reported with the
 file and the JSON path of the first offending values, e.g.
 ``instances.json: annotations[12].segmentation: Input should be a valid list``.
+
+Files are read with ``ijson`` (the yajl C backend), one array element at a time, so that planning a
+job holds one annotation at a time rather than the whole document as Python objects (``json.load``
+of a 200 MB file takes ~3 GiB). Before that, :func:`check_depth` refuses documents nested deeper
+than any annotation format needs: ijson builds a prefix string per nesting level, so a file of a few
+hundred kilobytes of ``[`` would otherwise take gigabytes, and the stdlib parser raises
+``RecursionError``.
 """
 
 from __future__ import annotations
 
-import json
+import mmap
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ijson
+import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from .base import SourceError
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Deepest nesting of arrays and objects accepted in an annotation file (COCO polygons are 4 deep).
+MAX_JSON_DEPTH = 32
+_CHUNK = 4 << 20
 
 
 class _Loose(BaseModel):
@@ -47,20 +62,9 @@ class CocoAnnotation(_Loose):
     iscrowd: int = 0
 
 
-class CocoInstances(_Loose):
-    images: list[CocoImage]
-    annotations: list[CocoAnnotation]
-    categories: list[CocoCategory]
-
-
 class CocoCaption(_Loose):
     image_id: int | str
     caption: str
-
-
-class CocoCaptions(_Loose):
-    images: list[CocoImage] = Field(default_factory=list)
-    annotations: list[CocoCaption]
 
 
 class VgImage(_Loose):
@@ -83,42 +87,122 @@ class VgImageRegions(_Loose):
     regions: list[VgRegion]
 
 
-def load_json(path: str | Path, what: str) -> Any:
-    p = Path(path)
+def json_file(path: str | Path, what: str) -> Path:
+    """The annotation file as a checked path: it exists, is a regular file, and is not nested too deeply."""
     if not str(path):
         raise SourceError(f"no {what} file given")
+    p = Path(path)
     if not p.is_file():
         raise SourceError(f"{what} file {p} not found")
-    try:
-        with open(p, "rb") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{p}: not valid JSON ({e})") from e
+    depth = check_depth(p)
+    if depth > MAX_JSON_DEPTH:
+        raise SourceError(f"{p}: not a {what} file: JSON nested more than {MAX_JSON_DEPTH} levels deep "
+                          f"(annotation files need 4)")
+    return p
 
 
-def validate(data: Any, model: type[M], path: str | Path) -> M:
+def check_depth(path: Path, limit: int = MAX_JSON_DEPTH) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings, stopping early once past ``limit``.
+
+    Vectorised over memory-mapped chunks with numpy (no JSON library reports depth without building
+    the document): a quote preceded by an odd run of backslashes is escaped, the parity of the
+    unescaped quotes marks string contents, and the running sum of opening minus closing brackets
+    outside strings is the depth. Carried between chunks: depth, string parity, trailing backslashes.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    depth, in_string, trailing_bs, deepest = 0, 0, 0, 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for start in range(0, size, _CHUNK):
+            b = np.frombuffer(mm[start:start + _CHUNK], dtype=np.uint8)
+            pos = np.arange(b.size, dtype=np.int64)
+            # index of the last non-backslash at or before each position (-1: none in this chunk)
+            last_nb = np.maximum.accumulate(np.where(b == 0x5C, -1, pos))
+            quote = np.flatnonzero(b == 0x22)
+            prev = quote - 1
+            lnb = np.where(prev >= 0, last_nb[np.maximum(prev, 0)], -1)
+            run = np.where(lnb >= 0, prev - lnb, quote + trailing_bs)  # backslashes just before each quote
+            toggles = np.zeros(b.size, dtype=np.int8)
+            toggles[quote[run % 2 == 0]] = 1
+            parity = (np.cumsum(toggles, dtype=np.int64) + in_string) % 2
+            delta = np.zeros(b.size, dtype=np.int8)
+            delta[(b == 0x5B) | (b == 0x7B)] = 1
+            delta[(b == 0x5D) | (b == 0x7D)] = -1
+            delta[parity == 1] = 0
+            levels = depth + np.cumsum(delta, dtype=np.int64)
+            deepest = max(deepest, int(levels.max()))
+            if deepest > limit:
+                return deepest
+            depth, in_string = int(levels[-1]), int(parity[-1])
+            trailing_bs = b.size - 1 - int(last_nb[-1]) if last_nb[-1] >= 0 else b.size + trailing_bs
+    return deepest
+
+
+def stream(path: Path, prefix: str) -> Iterator[Any]:
+    """The elements of the array at ``prefix`` (ijson syntax: ``annotations.item``, ``item``), one at a time.
+
+    Numbers come as ``float`` (yajl's fast path). A number too large for a double (``1e999``, valid
+    JSON) makes yajl stop; the pass then restarts with exact ``Decimal`` numbers, skipping what was
+    already yielded, and such numbers reach the per-image checks as ``inf``. ``NaN``/``Infinity``
+    tokens are not JSON: like any syntax error they are a :class:`SourceError` naming the file.
+    """
+    done = 0
+    for use_float in (True, False):
+        try:
+            with open(path, "rb") as f:
+                for i, element in enumerate(ijson.items(f, prefix, use_float=use_float)):
+                    if i >= done:
+                        done += 1
+                        yield element
+            return
+        except ijson.JSONError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if use_float and "overflow" in first:
+                continue
+            raise SourceError(f"{path}: not valid JSON ({first}; NaN and Infinity are not JSON numbers)") from e
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{path}: not valid JSON (not UTF-8: {e.reason})") from e
+
+
+def has_key(path: Path, key: str) -> bool:
+    """Whether the document names ``key`` as an object key anywhere (a regex over the mapped file).
+
+    Used only to tell "no ``annotations`` key" (a malformed file) from an empty array, which a
+    stream cannot: a key of that name inside some nested object would only make a missing top-level
+    key read as an empty list.
+    """
+    if path.stat().st_size == 0:
+        return False
+    pattern = re.compile(rb'"' + re.escape(key.encode()) + rb'"\s*:')
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return pattern.search(mm) is not None
+
+
+def elements(path: Path, key: str, model: type[M], file_model: str) -> Iterator[tuple[int, M]]:
+    """``(index, validated element)`` of the top-level array ``key`` (``""``: the document is the array).
+
+    An absent key is an error (an empty array is not), told apart only once the stream is empty.
+    """
+    n = -1
+    for n, raw in enumerate(stream(path, f"{key}.item" if key else "item")):
+        yield n, validate(raw, model, path, f"{key}[{n}]")
+    if n < 0 and key and not has_key(path, key):
+        raise SourceError(f"{path}: malformed {file_model} file: {key}: Field required")
+
+
+def validate(data: Any, model: type[M], path: str | Path, where: str = "") -> M:
+    """One element validated; the error names the file and the element's JSON path (``where``)."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise SourceError(f"{path}: malformed {model.__name__} file: {_errors(e)}") from e
+        raise SourceError(f"{path}: malformed {model.__name__}: {_errors(e, where)}") from e
 
 
-def validate_list(data: Any, model: type[M], path: str | Path) -> list[M]:
-    if not isinstance(data, list):
-        raise SourceError(f"{path}: expected a JSON list of {model.__name__} objects, got {type(data).__name__}")
-    out = []
-    for i, d in enumerate(data):
-        try:
-            out.append(model.model_validate(d))
-        except ValidationError as e:
-            raise SourceError(f"{path}: malformed entry [{i}]: {_errors(e)}") from e
-    return out
-
-
-def _errors(e: ValidationError, limit: int = 3) -> str:
+def _errors(e: ValidationError, where: str = "", limit: int = 3) -> str:
     parts = []
     for err in e.errors()[:limit]:
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        parts.append(f"{loc or '(top level)'}: {err['msg']}")
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        parts.append(f"{(where + loc).lstrip('.') or '(top level)'}: {err['msg']}")
     more = e.error_count() - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
