@@ -160,21 +160,13 @@ def load_pretrained(spec: str, processor_cls: Any, model_cls: Any, *, models_dir
 
 def load_sam(spec: str, *, models_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
              dtype: str | torch.dtype = "auto") -> tuple[Any, Any, torch.device, torch.dtype]:
-    """``(SamProcessor, SamModel, device, dtype)`` with the prompt encoder in float32.
+    """``(SamProcessor, SamModel, device, dtype)`` with the prompt encoder in float32 whatever ``dtype``
+    (:class:`pipeline.sam.SamModelFp32Prompts`: box corners are not rounded to bfloat16)."""
+    from transformers import SamProcessor
 
-    In bfloat16 a box corner at x = 1000 of the 1024 input frame is rounded to a multiple of 4
-    (8 bits of mantissa) before its positional encoding, so box edges on large images move by
-    several pixels. The prompt encoder and the shared positional embedding are tiny, so they stay
-    in float32 whatever ``dtype`` the image encoder and mask decoder run in;
-    :func:`pipeline.sam.decode_prompts` casts their outputs to the decoder's dtype.
-    """
-    from transformers import SamModel, SamProcessor
+    from pipeline.sam import SamModelFp32Prompts  # here: loading pipeline.models stays light
 
-    processor, model, device, dtype = load_pretrained(spec, SamProcessor, SamModel, models_dir=models_dir,
-                                                      device=device, dtype=dtype)
-    model.prompt_encoder.float()
-    model.shared_image_embedding.float()
-    return processor, model, device, dtype
+    return load_pretrained(spec, SamProcessor, SamModelFp32Prompts, models_dir=models_dir, device=device, dtype=dtype)
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -39,9 +39,10 @@ from segment_anything.utils.amg import (
     uncrop_masks,
     uncrop_points,
 )
+from transformers import SamModel
 
 __all__ = [
-    "MASK_PIXEL_BUDGET", "batched_mask_to_box", "build_all_layer_point_grids", "build_point_grid",
+    "MASK_PIXEL_BUDGET", "SamModelFp32Prompts", "batched_mask_to_box", "build_all_layer_point_grids", "build_point_grid",
     "decode_prompts", "embed_images", "generate_crop_boxes", "is_box_near_crop_edge", "prompt_chunks",
     "remove_small_regions", "stability_score", "uncrop_boxes_xyxy", "uncrop_masks", "uncrop_points",
 ]
@@ -50,6 +51,20 @@ __all__ = [
 #: (218 masks at 640x480, 5 at 12 MP).
 MASK_PIXEL_BUDGET = 1 << 26
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, as segment-anything's cv2 call
+
+
+class SamModelFp32Prompts(SamModel):
+    """``SamModel`` whose prompt encoder and positional embedding load and stay float32 in any dtype.
+
+    In bfloat16 a box corner at x = 1000 of the 1024 input frame is rounded to a multiple of 4, and
+    the random Fourier matrix that encodes it to 3 significant digits, before the sin/cos: box
+    edges on large images move by several pixels. Both modules are tiny, so they are kept in float32
+    from the weights file on (transformers' ``_keep_in_fp32_modules_strict``; casting a bfloat16 copy
+    back up would not restore the rounded matrix), and :func:`decode_prompts` casts their outputs to
+    the mask decoder's dtype.
+    """
+
+    _keep_in_fp32_modules_strict = ["prompt_encoder", "shared_image_embedding"]
 
 
 def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:

@@ -61,3 +61,43 @@ def test_download_refuses_offline(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
         models.download({"segmenter": "facebook/sam-vit-huge"}, None)
+
+
+def test_default_models_equal_the_stage_defaults_without_importing_stages():
+    assert models.DEFAULT_MODELS == {"captioner": CaptionerConfig().model, "grounder": GrounderConfig().model,
+                                     "segmenter": SegmenterConfig().model}
+    import ast
+    import inspect
+
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(models)))
+                if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any(m.startswith("pipeline.stages") for m in imported)
+
+
+def test_device_and_dtype_from_plain_arguments(monkeypatch):
+    import torch
+
+    assert models.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.pick_device(None) == torch.device("cpu")
+    assert models.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert models.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert models.pick_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="float64"):
+        models.pick_dtype("float64", torch.device("cpu"))
+
+
+def test_load_pretrained_and_load_sam(tmp_path):
+    import torch
+    from fixtures_models import tiny_model_dirs
+    from transformers import SamModel, SamProcessor
+
+    processor, model, device, dtype = models.load_pretrained(str(tiny_model_dirs().sam), SamProcessor, SamModel,
+                                                             device="cpu", dtype="auto")
+    assert isinstance(model, SamModel) and not model.training and (device, dtype) == (torch.device("cpu"), torch.float32)
+    processor, model, _, dtype = models.load_sam(str(tiny_model_dirs().sam), device="cpu", dtype="bfloat16")
+    assert dtype == torch.bfloat16 and model.mask_decoder.iou_token.weight.dtype == torch.bfloat16
+    assert model.prompt_encoder.no_mask_embed.weight.dtype == torch.float32
+    broken = _model_dir(tmp_path / "broken")  # config.json "{}": resolves, but is no model
+    with pytest.raises(RuntimeError, match="could not load model"):
+        models.load_sam(str(broken), device="cpu")

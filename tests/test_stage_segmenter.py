@@ -163,6 +163,30 @@ def test_small_islands_and_holes_are_removed(monkeypatch):
     assert mask[60:66, 84:90].sum() == 0 and mask[24:30, 36:42].all()
 
 
+def test_boxes_are_decoded_within_the_pixel_budget(monkeypatch):
+    """Upscaled logits of one decoder forward stay under mask_pixel_budget; the segments do not change."""
+    records = lambda: [_record(0, [[0, 0, 40, 30], [5, 5, 20, 20], [10, 0, 30, 10], [0, 0, 96, 48], [1, 1, 9, 9]])]  # noqa: E731
+    whole = Segmenter(SegmenterConfig(model=str(tiny_model_dirs().sam), pred_iou_thresh=0, stability_score_thresh=0,
+                                      min_region_area=10))
+    (want,) = _run(whole, records(), [image_bytes(96, 48)])
+    sliced = Segmenter(SegmenterConfig(model=str(tiny_model_dirs().sam), pred_iou_thresh=0, stability_score_thresh=0,
+                                       min_region_area=10, mask_pixel_budget=2 * 96 * 48 + 5))
+    calls = []
+    decoder = sliced.model.mask_decoder.forward
+
+    def spy(**kwargs):
+        calls.append(kwargs["sparse_prompt_embeddings"].shape[1])
+        return decoder(**kwargs)
+
+    monkeypatch.setattr(sliced.model.mask_decoder, "forward", spy)
+    (got,) = _run(sliced, records(), [image_bytes(96, 48)])
+    assert calls == [2, 2, 1]
+    assert len(got.segments) == len(want.segments) > 0
+    for a, b in zip(got.segments, want.segments, strict=True):  # batch size moves float rounding, no more
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["texts"] == b["texts"]
+        assert rle_utils.iou([a["rle"]], [b["rle"]])[0, 0] > 0.99
+
+
 def test_real_tiny_forward():
     seg = Segmenter(SegmenterConfig(model=str(tiny_model_dirs().sam), pred_iou_thresh=0, stability_score_thresh=0,
                                     min_region_area=0, boxes_per_batch=2, image_batch_size=2))
