@@ -7,10 +7,11 @@
 #
 # NNODES (default: SLURM_NNODES or 1), NPROC (default: GPUs on this node, else 1),
 # HEAD (rendezvous host; default: first host of SLURM_JOB_NODELIST, else localhost), PORT (29500),
-# JOB_ID (rendezvous id; default: SLURM_JOB_ID or "use-train").
+# JOB_ID (rendezvous id; default: SLURM_JOB_ID or "use-train"), MAX_RESTARTS (3): a rank that dies
+# (node lost, OOM) makes torchrun restart every rank, which continue from the last checkpoint (pass --resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,9p' "$0"; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,11p' "$0"; exit 0; fi
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 [[ "$NPROC" -gt 0 ]] || NPROC=1
@@ -20,8 +21,9 @@ fi
 HEAD=${HEAD:-localhost}
 PORT=${PORT:-29500}
 JOB_ID=${JOB_ID:-${SLURM_JOB_ID:-use-train}}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 PY=${PY:-.venv/bin/python}
 echo "[train] nodes=$NNODES procs/node=$NPROC rendezvous=$HEAD:$PORT id=$JOB_ID" >&2
 exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
-  --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --rdzv_id="$JOB_ID" \
+  --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --rdzv_id="$JOB_ID" --max-restarts="$MAX_RESTARTS" \
   -m trainer train "$@"

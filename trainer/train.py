@@ -154,7 +154,7 @@ class Trainer:
             # purge_step: TensorBoard hides this directory's events from the resumed step on
             self.tb = SummaryWriter(str(self.output / "tensorboard"),
                                     purge_step=self.step + 1 if restored is not None else None)
-            self.metrics = (self.output / "metrics.jsonl").open("a")
+            self.metrics = (self.output / "metrics.jsonl").open("a", buffering=1)  # line by line: tail -f works
         if cfg.log_keys:
             (self.output / "keys").mkdir(parents=True, exist_ok=True)
             self.keys_file = (self.output / "keys" / f"rank{self.info.rank}.txt").open("a")
