@@ -1,4 +1,5 @@
-"""The trainer's configuration: one pydantic model, read from YAML, patched by ``key=value`` overrides.
+"""The trainer's configuration: one pydantic model, read from YAML, patched by ``key=value`` overrides
+(:mod:`shards.overrides`, the parser the pipeline uses too).
 
 Every value has a documented default so that a config file only says what differs from them. The
 model is described by its own YAML (``trainer/configs/model-*.yaml``, read by
@@ -13,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shards import overrides as overrides_lib
 
 from .errors import InputError
 
@@ -108,9 +111,10 @@ class TrainConfig(_Strict):
             raise InputError(f"--config {path}: not readable YAML ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         if not isinstance(raw, dict):
             raise InputError(f"{path}: a training config must be a mapping")
-        try:
-            raw = apply_overrides(raw, overrides or [])
-        except ValueError as e:
+        try:  # the project's one override parser: unknown keys named with where they came from and a suggestion
+            overrides_lib.check_keys({k: v for k, v in raw.items() if k != "model"}, cls, f"in {path}")
+            raw = overrides_lib.apply(raw, overrides or [], model=cls)
+        except overrides_lib.OverrideError as e:
             raise InputError(str(e)) from e
         keys = {o.split("=", 1)[0].strip() for o in overrides or []}
         for a, b in (("steps", "epochs"), ("epochs", "steps")):
@@ -126,22 +130,3 @@ class TrainConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
-    out = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy of plain data
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ValueError(f"override {item!r} has an empty key part")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
-    return out
