@@ -36,7 +36,7 @@ def shard_name(prefix: str, index: int) -> str:
 
 def stats_path(tar_path: Path | str) -> Path:
     p = Path(tar_path)
-    return p.with_name(p.name[: -len(".tar")] + ".stats.json")
+    return p.with_name(p.name.removesuffix(".tar") + ".stats.json")
 
 
 def _tmp(path: Path) -> Path:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from train_helpers import config
 
+from shards.writer import stats_path
 from trainer.checkpoint import trainable_state
 from trainer.distributed import rank_world
 from trainer.model import ModelConfig, named_trainable
@@ -55,3 +58,8 @@ def test_rank_world_from_launcher_env(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert rank_world() == (1, 2)  # torchrun's names first, as webdataset reads them
     assert torch.distributed.is_available()
+
+
+def test_stats_path_strips_only_a_tar_suffix():
+    assert stats_path("d/x-000001.tar") == Path("d/x-000001.stats.json")
+    assert stats_path("d/x-000001") == Path("d/x-000001.stats.json")  # was "d/x-00.stats.json"
