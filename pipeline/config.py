@@ -91,8 +91,10 @@ class RayConfig(_Strict):
     task_cpus: float = Field(1.0, gt=0, description="CPUs per read / NMS task")
     task_retries: int = Field(3, ge=0, description="retries of a read / NMS task whose worker died "
                                                    "(Ray Data's default is unlimited)")
-    max_restarts: int = Field(8, ge=0, description="restarts of a model stage actor whose process died "
-                                                   "(Ray Data's default is unlimited)")
+    max_restarts: int = Field(1000, ge=0, description="restarts of a model stage actor over the whole job "
+                                                      "(one per crash; Ray Data's default is unlimited): each "
+                                                      "batch is bounded by max_task_retries, each image by "
+                                                      "image_attempts")
     max_task_retries: int = Field(4, ge=0, description="retries of a model stage batch whose actor died")
     image_attempts: int = Field(2, ge=1, description="times a stage's process may die or time out with an "
                                                      "image in hand before that image becomes a failure")

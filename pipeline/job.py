@@ -10,27 +10,42 @@ Why a single writer: exactly-once. A key is done when it is in a committed shard
 record of a committed shard (``shards.done_keys``); a rerun after a crash filters those keys out
 of the inputs *first* and redoes the rest, so every input lands exactly once without coordinating
 several writers. The writer is cheap next to the model stages (tar append + an fsync per shard).
+Failures whose cause is the environment (file missing, permission) are not done: a rerun retries
+them, and ``--retry-failed`` retries every failure.
 
 Failures never stop the job: each stage marks ``record.failure`` (see ``pipeline.record``), and a
-stage that raises on a batch is retried row by row so only the rows that raise are failed.
+stage that raises on a batch is retried row by row so only the rows that raise are failed. A stage
+whose *process* dies (segfault, CUDA out of memory, ``os._exit``) or hangs past
+``ray.batch_timeout_s`` is restarted by Ray a bounded number of times (``ray.max_restarts``,
+``ray.max_task_retries``; Ray Data's defaults are unlimited); an :class:`AttemptLedger` actor
+remembers which images were in hand, so the retried batch runs image by image and an image that
+took the process down ``ray.image_attempts`` times becomes a failure of that stage alone. Rows lost
+anyway (a batch out of retries) are recorded as failures at the end, so the job always finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
+import shutil
 import time
 import traceback
+import warnings
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from pipeline.config import STAGES, ConfigError, JobConfig
+from pipeline.config import STAGES, ConfigError, JobConfig, data_fields
 from pipeline.nms import mask_nms
 from pipeline.record import Record, records_of, with_records
 from pipeline.sources import SourceError, make_source, read_item
@@ -40,15 +55,60 @@ log = logging.getLogger(__name__)
 COLUMNS = ("key", "image", "record")
 SUMMARY = "summary.json"
 CONFIG_SNAPSHOT = "job_config.yaml"
+LOCK = ".lock"
+
+
+class JobRefused(RuntimeError):
+    """The job cannot start on this output directory (another job's shards, or a job running there)."""
+
+
+class JobFailed(RuntimeError):
+    """The job ran but produced no sample; the message says why (the summary is written)."""
+
+
+class ModelsMissing(ConfigError):
+    """Weights of one or more model stages are not on this machine; the message lists all of them."""
 
 
 # -- the Ray Data transforms (run in workers) ---------------------------------------------------
-def read_batch(batch: dict[str, np.ndarray], *, min_side: int, max_pixels: int, verify: str) -> dict[str, np.ndarray]:
+def read_batch(batch: dict[str, np.ndarray], *, min_side: int, max_pixels: int, verify: str, max_bytes: int,
+               follow_symlinks_outside: bool) -> dict[str, np.ndarray]:
     """Planned items -> rows ``{key, image, record}``: read each image once, check it, fill the record."""
     n = len(batch["key"])
-    rows = [read_item({k: batch[k][i] for k in batch}, min_side=min_side, max_pixels=max_pixels, verify=verify)
+    rows = [read_item({k: batch[k][i] for k in batch}, min_side=min_side, max_pixels=max_pixels, verify=verify,
+                      max_bytes=max_bytes, follow_symlinks_outside=follow_symlinks_outside)
             for i in range(n)]
     return {c: _objects([r[c] for r in rows]) for c in COLUMNS}
+
+
+class AttemptLedger:
+    """Which images a stage had in hand when its process died or hung, across actor restarts.
+
+    A small Ray actor (``num_cpus=0``) on the driver's node: a stage marks keys before running them
+    (``begin``) and clears them after (``end``); keys still marked when a retried batch arrives were
+    in hand at a crash. ``note`` records why (a timeout) before the actor exits on purpose.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.reasons: dict[tuple[str, str], str] = {}
+
+    def peek(self, stage: str, keys: list[str]) -> dict[str, tuple[int, str]]:
+        return {k: (self.counts[(stage, k)], self.reasons.get((stage, k), "")) for k in keys
+                if (stage, k) in self.counts}
+
+    def begin(self, stage: str, keys: list[str]) -> None:
+        for k in keys:
+            self.counts[(stage, k)] = self.counts.get((stage, k), 0) + 1
+
+    def end(self, stage: str, keys: list[str]) -> None:
+        for k in keys:
+            self.counts.pop((stage, k), None)
+            self.reasons.pop((stage, k), None)
+
+    def note(self, stage: str, keys: list[str], reason: str) -> None:
+        for k in keys:
+            self.reasons[(stage, k)] = reason
 
 
 class StageRunner:
@@ -57,44 +117,91 @@ class StageRunner:
     A stage is any ``Cls(config)`` with ``__call__(batch) -> batch`` on numpy batches of
     ``key/image/record``. If it raises on a batch, the batch is retried one row at a time and only
     the rows that raise become failures of this stage: one bad image never fails its neighbours,
-    and a systematic bug still shows up as a failure on every row rather than a crashed job.
+    and a systematic bug still shows up as a failure on every row rather than a crashed job. With a
+    ``ledger`` (see :class:`AttemptLedger`), a batch that was in hand when this actor's process died
+    is run image by image, and an image in hand at ``image_attempts`` deaths is failed unrun.
     """
 
-    def __init__(self, name: str, impl: type, config: Any):
+    def __init__(self, name: str, impl: type, config: Any, ledger: Any = None, image_attempts: int = 2,
+                 timeout_s: float = 0.0):
         self.name = name
         self.stage = impl(config)
+        self.ledger = ledger
+        self.image_attempts = image_attempts
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{name}") if timeout_s > 0 else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
         todo = [i for i, r in enumerate(records) if r.failure is None]
         if not todo:
             return {c: batch[c] for c in COLUMNS}
-        sub = {c: _objects([batch[c][i] for i in todo]) for c in COLUMNS}
-        try:
-            done = self._rows(self.stage(sub))
-        except Exception:
-            log.warning("stage %s failed on a batch of %d; retrying row by row:\n%s", self.name, len(todo),
-                        traceback.format_exc(limit=3))
-            done = {}
+        keys = {i: str(batch["key"][i]) for i in todo}
+        prior = self._ledger("peek", list(keys.values())) or {}
+        done: dict[str, tuple[Any, Record]] = {}
+        if not prior:
+            self._ledger("begin", list(keys.values()))
+            sub = {c: _objects([batch[c][i] for i in todo]) for c in COLUMNS}
+            try:
+                done = self._rows(self._run(sub, list(keys.values())))
+            except Exception:
+                log.warning("stage %s failed on a batch of %d; retrying row by row:\n%s", self.name, len(todo),
+                            traceback.format_exc(limit=3))
+                for i in todo:
+                    self._one(batch, i, records[i], done)
+            self._ledger("end", list(keys.values()))
+        else:  # this batch was in hand when the process died: one image at a time
             for i in todo:
-                one = {c: _objects([batch[c][i]]) for c in COLUMNS}
-                try:
-                    done.update(self._rows(self.stage(one)))
-                except Exception as e:
-                    records[i].fail(self.name, f"{type(e).__name__}: {e}")
-        keys, images, out = [], [], []
+                n, reason = prior.get(keys[i], (0, ""))
+                if n >= self.image_attempts:
+                    records[i].fail(self.name, f"the stage's process {reason or 'died'} with this image in hand "
+                                               f"{n} times (ray.image_attempts={self.image_attempts})")
+                    self._ledger("end", [keys[i]])
+                    continue
+                self._ledger("begin", [keys[i]])
+                self._one(batch, i, records[i], done)
+                self._ledger("end", [keys[i]])
+        keys_out, images, out = [], [], []
         for i, rec in enumerate(records):
             key = str(batch["key"][i])
             image = batch["image"][i]
-            if i in todo and rec.failure is None:
+            if i in keys and rec.failure is None:
                 if key in done:
                     image, rec = done[key]
                 else:
                     rec.fail(self.name, "the stage returned no row for this image")
-            keys.append(key)
+            keys_out.append(key)
             images.append(image)
             out.append(rec)
-        return with_records({"key": _objects(keys), "image": _objects(images)}, out)
+        return with_records({"key": _objects(keys_out), "image": _objects(images)}, out)
+
+    def _one(self, batch: dict[str, np.ndarray], i: int, rec: Record, done: dict) -> None:
+        one = {c: _objects([batch[c][i]]) for c in COLUMNS}
+        try:
+            done.update(self._rows(self._run(one, [str(batch["key"][i])])))
+        except Exception as e:
+            rec.fail(self.name, f"{type(e).__name__}: {e}")
+
+    def _run(self, sub: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+        """The stage on ``sub``; past ``timeout_s`` the hung call cannot be stopped from Python, so the
+        process exits and Ray restarts the actor (the ledger says which images were in hand)."""
+        if self._pool is None:
+            return self.stage(sub)
+        future = self._pool.submit(self.stage, sub)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            reason = f"timed out (over ray.batch_timeout_s={self.timeout_s:g} s)"
+            self._ledger("note", keys, reason)
+            log.error("stage %s %s on %d image(s); restarting its actor", self.name, reason, len(keys))
+            os._exit(1)
+
+    def _ledger(self, method: str, *args: Any) -> Any:
+        if self.ledger is None:
+            return None
+        import ray
+
+        return ray.get(getattr(self.ledger, method).remote(self.name, *args))
 
     @staticmethod
     def _rows(batch: dict[str, np.ndarray]) -> dict[str, tuple[Any, Record]]:
@@ -128,17 +235,24 @@ def _objects(values: list[Any]) -> np.ndarray:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def build_dataset(cfg: JobConfig, items: list[dict[str, str]]):
-    """The lazy Ray Data pipeline over planned items (nothing runs until it is iterated)."""
+def build_dataset(cfg: JobConfig, items: list[dict[str, str]], ledger: Any = None):
+    """The lazy Ray Data pipeline over planned items (nothing runs until it is iterated).
+
+    Retries are finite everywhere (Ray Data's defaults retry dead tasks and restart dead actors
+    without limit, so one image that kills its worker would stop the job for good).
+    """
     import ray
 
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # no named form of the retry
+    # arguments exists yet (Ray 2.60): max_retries / max_restarts / max_task_retries go through **ray_remote_args
     # enough blocks for every actor to get work on small jobs, about one read batch each on big ones
     blocks = max(1, min(len(items), max(math.ceil(len(items) / cfg.read.batch_size), 8), 10_000))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(read_batch, batch_format="numpy", batch_size=cfg.read.batch_size,
-                        num_cpus=cfg.ray.task_cpus, fn_kwargs={"min_side": cfg.read.min_side,
-                                                               "max_pixels": cfg.read.max_pixels,
-                                                               "verify": cfg.read.verify})
+    r = cfg.read
+    ds = ds.map_batches(read_batch, batch_format="numpy", batch_size=r.batch_size, num_cpus=cfg.ray.task_cpus,
+                        max_retries=cfg.ray.task_retries,
+                        fn_kwargs={"min_side": r.min_side, "max_pixels": r.max_pixels, "verify": r.verify,
+                                   "max_bytes": r.max_bytes, "follow_symlinks_outside": r.follow_symlinks_outside})
     for name in cfg.enabled_stages():
         stage = getattr(cfg, name)
         if "max_pixels" in type(stage).model_fields:  # decode with the limit the read step applied
@@ -146,9 +260,12 @@ def build_dataset(cfg: JobConfig, items: list[dict[str, str]]):
         ds = ds.map_batches(
             StageRunner, batch_format="numpy", batch_size=stage.batch_size, num_gpus=stage.num_gpus or None,
             num_cpus=stage.num_cpus, compute=ray.data.ActorPoolStrategy(size=stage.num_actors),
-            fn_constructor_kwargs={"name": name, "impl": cfg.stage_class(name), "config": stage})
+            max_restarts=cfg.ray.max_restarts, max_task_retries=cfg.ray.max_task_retries,
+            fn_constructor_kwargs={"name": name, "impl": cfg.stage_class(name), "config": stage, "ledger": ledger,
+                                   "image_attempts": cfg.ray.image_attempts,
+                                   "timeout_s": cfg.ray.batch_timeout_s})
     return ds.map_batches(finalize_batch, batch_format="numpy", batch_size=cfg.nms.batch_size,
-                          num_cpus=cfg.ray.task_cpus,
+                          num_cpus=cfg.ray.task_cpus, max_retries=cfg.ray.task_retries,
                           fn_kwargs={"nms": cfg.nms.enabled, "iou_threshold": cfg.nms.iou_threshold,
                                      "min_segments": cfg.shards.min_segments})
 
@@ -159,101 +276,265 @@ def plan_items(cfg: JobConfig) -> list[dict[str, str]]:
     dupes = [k for k, n in Counter(it["key"] for it in items).items() if n > 1]
     if dupes:
         raise SourceError(f"{len(dupes)} inputs share a key, e.g. {dupes[:3]}; keys must be unique")
+    if not items:
+        raise SourceError(f"no input images: {cfg.source.images or cfg.source.annotations} lists none")
     return items
 
 
-def _init_ray(cfg: JobConfig) -> bool:
-    """Join ``ray.address`` / ``RAY_ADDRESS`` or start a local Ray; True when this call started it."""
+def _init_ray(cfg: JobConfig, verbose: bool = False) -> bool:
+    """Join ``ray.address`` / ``RAY_ADDRESS`` or start a local Ray; True when this call started it.
+
+    Ray's start-up lines, Ray Data's execution lines and the workers' log streaming stay quiet
+    unless ``verbose`` (failures are in ``failures.parquet``, not in logs).
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    import ray.data  # noqa: F401 (configures the "ray.data" logger, whose console handler is quietened here)
+
+    level = logging.INFO if verbose else logging.ERROR
+    logging.getLogger("ray").setLevel(level)
+    for handler in logging.getLogger("ray.data").handlers:  # its log file keeps everything
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(level)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    quiet = {"logging_level": level, "log_to_driver": verbose}
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False, **quiet)
     return True
 
 
 def check_resources(cfg: JobConfig, cluster: dict[str, float], strict: bool) -> None:
     """Refuse (local) or warn about (cluster, may autoscale) stage pools that can never all start:
-    Ray Data would wait for them forever."""
-    stages = [getattr(cfg, n) for n in cfg.enabled_stages()]
-    gpus = sum(s.num_actors * s.num_gpus for s in stages)
-    cpus = sum(s.num_actors * s.num_cpus for s in stages)
+    Ray Data would wait for them forever. The message names the stages and the override that fixes it."""
+    stages = {n: getattr(cfg, n) for n in cfg.enabled_stages()}
+    gpu_stages = {n: s.num_actors * s.num_gpus for n, s in stages.items() if s.num_gpus > 0}
+    gpus, have_gpus = sum(gpu_stages.values()), cluster.get("GPU", 0)
+    cpus = {n: s.num_actors * s.num_cpus for n, s in stages.items()}
     problems = []
-    if gpus > cluster.get("GPU", 0) + 1e-9:
-        problems.append(f"the stages' actor pools need {gpus:g} GPUs, the cluster has {cluster.get('GPU', 0):g}")
-    if cpus + cfg.ray.task_cpus > cluster.get("CPU", 0) + 1e-9:
-        problems.append(f"the stages' actor pools hold {cpus:g} CPUs and read/NMS tasks need "
-                        f"{cfg.ray.task_cpus:g} more, the cluster has {cluster.get('CPU', 0):g} "
-                        f"(lower <stage>.num_cpus of GPU stages)")
+    if gpus > have_gpus + 1e-9:
+        fix = " ".join(f"{n}.num_gpus=0" for n in gpu_stages)
+        where = "this machine has none" if have_gpus == 0 else f"the cluster has {have_gpus:g}"
+        problems.append(f"stages {', '.join(gpu_stages)} ask for {gpus:g} GPUs and {where}; to run them on CPU "
+                        f"add {fix}" + (" (or lower their num_actors)" if have_gpus else ""))
+    if sum(cpus.values()) + cfg.ray.task_cpus > cluster.get("CPU", 0) + 1e-9:
+        holders = ", ".join(f"{n} {c:g} ({getattr(cfg, n).num_actors} x num_cpus={getattr(cfg, n).num_cpus:g})"
+                            for n, c in sorted(cpus.items(), key=lambda kv: -kv[1]) if c > 0)
+        problems.append(f"the stages' actor pools hold {sum(cpus.values()):g} CPUs ({holders}) and read/NMS tasks "
+                        f"need ray.task_cpus={cfg.ray.task_cpus:g} more, the cluster has {cluster.get('CPU', 0):g}; "
+                        f"lower <stage>.num_cpus or <stage>.num_actors")
     if problems and strict:
         raise ConfigError("; ".join(problems))
     for p in problems:
         log.warning("%s", p)
 
 
-def check_models(cfg: JobConfig) -> None:
-    """Fail before any actor starts when a local job's weights are missing (one clear error naming
-    the model and the download command). On a joined cluster the nodes that load them check."""
-    from pipeline.models import resolve
+def check_models(cfg: JobConfig, config_name: str = "", overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Fail before any actor starts when a local job's weights are missing: one error listing every
+    missing model and the exact command that fetches them for this config. On a joined cluster the
+    nodes that load them check."""
+    from pipeline.models import MODELS_DIR_ENV, ModelNotFoundError, resolve
 
+    missing: dict[str, str] = {}
     for name in cfg.enabled_stages():
         stage = getattr(cfg, name)
         if name not in cfg.impl and getattr(stage, "model", None):
-            resolve(stage.model, stage.models_dir)
+            try:
+                resolve(stage.model, stage.models_dir)
+            except ModelNotFoundError:
+                missing[name] = stage.model
+    if not missing:
+        return
+    local = {n: m for n, m in missing.items() if Path(m).expanduser().is_absolute() or m.startswith(".")}
+    hub = {n: m for n, m in missing.items() if n not in local}
+    parts = [f"model weights missing for {len(missing)} stage(s): "
+             + ", ".join(f"{n} ({m})" for n, m in missing.items())]
+    for n, m in local.items():
+        parts.append(f"{n}.model {m} is a local path but not a model directory (config.json missing)")
+    if hub:
+        dirs = {getattr(cfg, n).models_dir or os.environ.get(MODELS_DIR_ENV) or "models" for n in hub}
+        cache = str(Path(sorted(dirs)[0]).expanduser().resolve())
+        model_overrides = [o for o in overrides if o.partition("=")[0].strip() in {f"{n}.model" for n in hub}]
+        cmd = " ".join(["python -m pipeline models download", f"--config {config_name}" if config_name else "",
+                        f"--cache {cache}", *model_overrides]).replace("  ", " ")
+        rerun = " ".join(f"{n}.models_dir={cache}" for n in hub if getattr(cfg, n).models_dir != cache)
+        parts.append(f"download them on a machine with internet: `{cmd}`"
+                     + (f", then rerun with {rerun} (or {MODELS_DIR_ENV}={cache})" if rerun else ", then rerun"))
+    raise ModelsMissing("; ".join(parts))
 
 
-def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a job into ``output``; returns the summary also written to ``summary.json``."""
-    from tqdm import tqdm
-
+def check_output(cfg: JobConfig, output: Path, config_name: str = "") -> None:
+    """Refuse an output directory that holds another job's shards (compared by the data-affecting
+    config fields, not the YAML text); a rerun of the same job resumes."""
     import shards
-    from shards.schema import SampleMeta
+
+    snapshot = output / CONFIG_SNAPSHOT
+    if not output.exists() or (not snapshot.exists() and not shards.list_shards(output)):
+        return
+    if not snapshot.exists():
+        raise JobRefused(f"{output} holds shards without {CONFIG_SNAPSHOT} (not written by this job); "
+                         f"use --overwrite to replace them or choose another --output")
+    try:
+        old = JobConfig.model_validate(yaml.safe_load(snapshot.read_text()))
+    except Exception as e:
+        raise JobRefused(f"{snapshot} is not a readable job config ({type(e).__name__}); use --overwrite to "
+                         f"replace that job's output or choose another --output") from e
+    a, b = data_fields(old), data_fields(cfg)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise JobRefused(f"{output} holds another job's shards: its config {snapshot} and this one "
+                         f"({config_name or 'the given config'}) differ in {shown}{more}; use --overwrite to "
+                         f"start afresh or choose another --output")
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``OUT/.lock`` for the whole job: a second job into the same directory
+    is refused at once instead of interleaving shards (the lock goes with the process, even on SIGKILL)."""
+    fd = os.open(output / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise JobRefused(f"{output} is in use by another curation job (pid {holder} holds {output / LOCK}); "
+                             f"wait for it to finish or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def clear_output(output: Path) -> None:
+    """``--overwrite``: remove what a job wrote (shards, stats, manifests, summary, config), nothing else."""
+    import shards
+
+    for tar in shards.list_shards(output):
+        tar.unlink()
+    for pattern in ("*.stats.json", ".*.tmp", "manifest.parquet", "failures.parquet", SUMMARY, CONFIG_SNAPSHOT):
+        for p in output.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True, overwrite: bool = False,
+            retry_failed: bool = False, config_name: str = "", overrides: list[str] | tuple[str, ...] = (),
+            verbose: bool = False) -> dict[str, Any]:
+    """Run (or resume) a job into ``output``; returns the summary also written to ``summary.json``.
+
+    Everything that can refuse the job (annotations, weights, resources, another job's output) is
+    checked before the first byte is written. Raises :class:`JobFailed` (after writing the summary)
+    when no input became a sample.
+    """
+    import shards
 
     t0 = time.time()
     output = Path(output)
     items = plan_items(cfg)
     joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if not joined:
-        check_models(cfg)
-    output.mkdir(parents=True, exist_ok=True)
-    _snapshot_config(cfg, output)
-    written, failed = shards.done_keys(output)
-    done = written | failed
-    todo = [it for it in items if it["key"] not in done]
-    log.info("%d inputs: %d already done, %d to process", len(items), len(items) - len(todo), len(todo))
-    processed = 0
-    if todo:
-        import ray
-        from ray.data import DataContext
-
-        started = _init_ray(cfg)
+        check_models(cfg, config_name, overrides)
+    if not overwrite:
+        check_output(cfg, output, config_name)
+    started = False
+    with contextlib.ExitStack() as stack:
+        if output.exists():  # refuse a second job before starting anything
+            stack.enter_context(output_lock(output))
         try:
-            check_resources(cfg, ray.cluster_resources(), strict=not joined)  # a cluster may autoscale
-            DataContext.get_current().enable_progress_bars = False
-            ds = build_dataset(cfg, todo)
-            bar = tqdm(total=len(todo), desc="curate", unit="img", disable=not progress)
-            with shards.ShardWriter(output, prefix=cfg.shards.prefix, max_samples=cfg.shards.max_samples,
-                                    max_bytes=cfg.shards.max_bytes) as writer:
-                for batch in ds.iter_batches(batch_size=cfg.write_batch_size, batch_format="numpy"):
-                    for key, image, rec in zip(batch["key"], batch["image"], records_of(batch), strict=True):
-                        _write_one(writer, str(key), image, rec, SampleMeta)
-                    processed += len(batch["key"])
-                    bar.update(len(batch["key"]))
-            bar.close()
+            if overwrite or _todo(items, output, retry_failed, finish_commits=False):
+                started = _init_ray(cfg, verbose)
+                import ray
+
+                check_resources(cfg, ray.cluster_resources(), strict=not joined)  # a cluster may autoscale
+            if not output.exists():  # the first write of the job, after every check passed
+                output.mkdir(parents=True)
+                stack.enter_context(output_lock(output))
+            if overwrite:
+                clear_output(output)
+            else:
+                check_output(cfg, output, config_name)  # again, now that no other job can write
+            _snapshot_config(cfg, output)
+            before = shards.failure_records(output)
+            todo = _todo(items, output, retry_failed)
+            retried = sum(1 for it in todo if it["key"] in before)
+            log.info("%d inputs: %d already done, %d to process (%d retried)", len(items), len(items) - len(todo),
+                     len(todo), retried)
+            processed = _process(cfg, todo, output, progress, verbose) if todo else 0
+            shards.build_manifest(output)
+            summary = _summary(output, len(items), len(items) - len(todo), processed, retried, time.time() - t0)
+            _write_text(output / SUMMARY, json.dumps(summary, indent=1))
         finally:
             if started:
+                import ray
+
                 ray.shutdown()
-    shards.build_manifest(output)
-    summary = _summary(output, len(items), len(items) - len(todo), processed, time.time() - t0)
-    (output / SUMMARY).write_text(json.dumps(summary, indent=1))
-    log.info("summary: %s", json.dumps(summary))
+    if summary["written"] == 0:
+        by_stage = ", ".join(f"{k} {v}" for k, v in summary["failed_by_stage"].items())
+        raise JobFailed(f"no input became a sample: all {summary['failed']} failed ({by_stage}); "
+                        f"see {output / 'failures.parquet'}")
     return summary
+
+
+def _todo(items: list[dict[str, str]], output: Path, retry_failed: bool, finish_commits: bool = True,
+          ) -> list[dict[str, str]]:
+    import shards
+
+    if not output.exists():
+        return list(items)
+    written, _ = shards.done_keys(output, finish_commits=finish_commits)
+    failed = shards.failure_records(output, finish_commits=finish_commits)
+    done = written | {k for k, f in failed.items() if not (retry_failed or f.get("retry"))}
+    return [it for it in items if it["key"] not in done]
+
+
+def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress: bool, verbose: bool) -> int:
+    """Run the dataset over ``todo`` and write every row; rows the dataset lost become failures."""
+    import ray
+    from ray.data import DataContext
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    import shards
+    from shards.schema import SampleMeta
+
+    ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.print_on_execution_start)
+    ctx.enable_progress_bars = False
+    ctx.max_errored_blocks = -1  # a block out of retries is dropped (its rows recorded below), not fatal
+    ctx.print_on_execution_start = verbose
+    ledger = ray.remote(num_cpus=0)(AttemptLedger).remote() if cfg.enabled_stages() else None
+    seen: set[str] = set()
+    try:
+        ds = build_dataset(cfg, todo, ledger)
+        with logging_redirect_tqdm(), tqdm(total=len(todo), desc="curate", unit="img", disable=not progress) as bar, \
+                shards.ShardWriter(output, prefix=cfg.shards.prefix, max_samples=cfg.shards.max_samples,
+                                   max_bytes=cfg.shards.max_bytes) as writer:
+            for batch in ds.iter_batches(batch_size=cfg.write_batch_size, batch_format="numpy"):
+                for key, image, rec in zip(batch["key"], batch["image"], records_of(batch), strict=True):
+                    _write_one(writer, str(key), image, rec, SampleMeta)
+                    seen.add(str(key))
+                bar.update(len(batch["key"]))
+            lost = [it["key"] for it in todo if it["key"] not in seen]
+            for key in lost:
+                writer.add_failure(key, "job", f"lost: its batch failed more than ray.max_task_retries="
+                                               f"{cfg.ray.max_task_retries} times (a worker kept dying); "
+                                               f"rerun with --retry-failed to try again")
+            if lost:
+                log.warning("%d inputs were lost by the dataset and recorded as failures", len(lost))
+    finally:
+        ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.print_on_execution_start = saved
+        if ledger is not None:
+            ray.kill(ledger)
+    return len(todo)
 
 
 def _write_one(writer: Any, key: str, image: Any, rec: Record, meta_cls: Any) -> None:
@@ -261,7 +542,7 @@ def _write_one(writer: Any, key: str, image: Any, rec: Record, meta_cls: Any) ->
         log.warning("%s arrived twice from the dataset; keeping the first", key)
         return
     if rec.failure is not None:
-        writer.add_failure(key, rec.failure.stage, rec.failure.error)
+        writer.add_failure(key, rec.failure.stage, rec.failure.error, retry=rec.failure.retry)
         return
     try:
         meta = meta_cls.from_dict({
@@ -275,15 +556,24 @@ def _write_one(writer: Any, key: str, image: Any, rec: Record, meta_cls: Any) ->
 
 
 def _snapshot_config(cfg: JobConfig, output: Path) -> None:
-    """Keep the config beside the shards; warn when a resume runs with a different one."""
+    """Keep the first run's config beside the shards; a same-data rerun (other pool or batch sizes)
+    resumes without replacing it (``check_output`` refused a config with other data fields)."""
     path = output / CONFIG_SNAPSHOT
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    if path.exists() and path.read_text() != text:
-        log.warning("%s differs from this run's config; samples already written keep the old settings", path)
-    path.write_text(text)
+    if not path.exists():
+        _write_text(path, text)
+    elif path.read_text() != text:
+        log.info("%s kept: this run differs from it only in settings that do not change the data", path)
 
 
-def _summary(output: Path, n_in: int, n_skipped: int, processed: int, wall: float) -> dict[str, Any]:
+def _write_text(path: Path, text: str) -> None:
+    """Atomic write with the usual umask permissions."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _summary(output: Path, n_in: int, n_skipped: int, processed: int, retried: int, wall: float) -> dict[str, Any]:
     import shards
 
     manifest = shards.read_manifest(output).to_pylist()
@@ -292,6 +582,7 @@ def _summary(output: Path, n_in: int, n_skipped: int, processed: int, wall: floa
         "images_in": n_in,
         "already_done": n_skipped,
         "processed_this_run": processed,
+        "retried": retried,
         "written": len(manifest),
         "failed": len(failures),
         "failed_by_stage": dict(Counter(f["stage"] for f in failures)),
@@ -304,5 +595,6 @@ def _summary(output: Path, n_in: int, n_skipped: int, processed: int, wall: floa
     }
 
 
-__all__ = ["STAGES", "StageRunner", "build_dataset", "check_resources", "finalize_batch", "plan_items",
+__all__ = ["STAGES", "AttemptLedger", "JobFailed", "JobRefused", "ModelsMissing", "StageRunner", "build_dataset",
+           "check_models", "check_output", "check_resources", "finalize_batch", "output_lock", "plan_items",
            "read_batch", "run_job"]

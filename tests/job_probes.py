@@ -3,12 +3,14 @@
 They exercise the job's scheduling and fault paths the way real stages would: ``DeviceProbe``
 records the ``CUDA_VISIBLE_DEVICES`` Ray gave its actor (in a file per actor under
 ``$USE_PROBE_DIR`` and as a caption on each row it handles); ``SlowProbe`` makes a job last long
-enough to be killed mid-run; ``FlakyProbe`` raises for some rows to test row-by-row isolation.
+enough to be killed mid-run; ``FlakyProbe`` raises for some rows to test row-by-row isolation;
+``KillProbe`` and ``HangProbe`` kill their own process or hang on one image (stage crashes).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -65,3 +67,28 @@ class ConfigProbe:
         for r in records:
             r.captions.append({"text": self.dump, "source": "probe"})
         return with_records(batch, records)
+
+
+class KillProbe:
+    """Kills its own process (as a segfault or CUDA OOM would) whenever it is handed a key ending in ``_3``."""
+
+    def __init__(self, config):
+        pass
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(str(k).endswith("_3") for k in batch["key"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return batch
+
+
+class HangProbe:
+    """Never returns from a batch holding a key ending in ``_3`` (a hung kernel or a deadlock)."""
+
+    def __init__(self, config):
+        pass
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(str(k).endswith("_3") for k in batch["key"]):
+            while True:
+                time.sleep(1)
+        return batch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pytest
 from job_helpers import write_coco
@@ -47,16 +48,27 @@ def _bad_dataset(root):
         (img_dir / name).write_bytes(data)
     (img_dir / "unreadable.jpg").mkdir()  # exists but cannot be read as a file (EISDIR), even as root
     files["unreadable.jpg"] = b""
+    os.mkfifo(img_dir / "fifo.png")  # a read would block for ever
+    (root / "outside.png").write_bytes(files["palette.png"])
+    (img_dir / "escape.png").symlink_to(root / "outside.png")  # leaves --images
+    files.update({"fifo.png": b"", "escape.png": b"", "far.png": files["palette.png"]})
+    (img_dir / "far.png").write_bytes(files["palette.png"])
     order = {"good1.png": (48, 32), "good2.png": (48, 32), "good3.png": (48, 32), **dict.fromkeys(files),
              "missing.jpg": (48, 32)}
     declared = {"zero.jpg": (120, 90), "truncated.jpg": (120, 90), "notimage.jpg": (48, 32),
-                "exif.jpg": (40, 60), "bomb.png": (100_000, 100_000), "unreadable.jpg": (48, 32)}
+                "exif.jpg": (40, 60), "bomb.png": (100_000, 100_000), "unreadable.jpg": (48, 32),
+                "fifo.png": (48, 32), "escape.png": (48, 32)}
     paths = write_coco(root, order, declared=declared,
                        extra_anns=[{"id": 500, "image_id": 4242, "category_id": 1, "segmentation": [[0, 0, 4, 0, 4, 4]]}])
     (img_dir / "missing.jpg").unlink()
     inst = json.loads(paths["annotations"].read_text())
     ids = {im["file_name"]: im["id"] for im in inst["images"]}
     inst["annotations"] = [a for a in inst["annotations"] if a["image_id"] != ids["noann.png"]]
+    for a in inst["annotations"]:
+        if a["image_id"] == ids["far.png"]:  # pycocotools would allocate without bound on this polygon
+            a["segmentation"] = [[0, 0, 1e12, 0, 1e12, 1e12]]
+    inst["images"].append({"id": 999, "file_name": "../outside.png", "width": 48, "height": 32})
+    ids["../outside.png"] = 999
     paths["annotations"].write_text(json.dumps(inst))
     return paths, ids
 
@@ -65,7 +77,9 @@ EXPECTED = {  # file -> (stage, words of the reason); None = handled and written
     "zero.jpg": ("read", "0 bytes"), "truncated.jpg": ("read", "truncated"),
     "notimage.jpg": ("read", "not an image"), "onepixel.png": ("read", "1x1, smaller than"),
     "bomb.png": ("read", "decompression-bomb"), "missing.jpg": ("read", "not found"),
-    "unreadable.jpg": ("read", "cannot read"),
+    "unreadable.jpg": ("read", "not a regular file"), "fifo.png": ("read", "not a regular file"),
+    "escape.png": ("read", "outside --images"), "far.png": ("source", "outside the 48x32 image"),
+    "../outside.png": ("source", "leaves --images"),
     "noann.png": ("nms", "fewer than shards.min_segments"), "good3.png": ("captioner", "probe refuses"),
     "cmyk.jpg": None, "gray16.png": None, "palette.png": None, "exif.jpg": None, "good1.png": None,
     "good2.png": None,
@@ -95,8 +109,10 @@ def test_bad_inputs_become_failures_and_the_job_completes(tmp_path, ray_local):
     assert unknown["stage"] == "source" and "not in the images list" in unknown["error"]
     rotated = written[make_key("bad", ids["exif.jpg"])]
     assert (rotated.meta.width, rotated.meta.height) == (40, 60) and rotated.image().size == (40, 60)
-    assert (summary["written"], summary["failed"]) == (6, 10)
-    assert summary["failed_by_stage"] == {"read": 7, "source": 1, "nms": 1, "captioner": 1}
+    assert (summary["written"], summary["failed"]) == (6, 14)
+    assert summary["failed_by_stage"] == {"read": 9, "source": 3, "nms": 1, "captioner": 1}
+    for f in failures.values():  # no absolute path leaks into the failure table
+        assert str(tmp_path) not in f["error"], f
 
 
 @pytest.mark.parametrize("content, expect", [

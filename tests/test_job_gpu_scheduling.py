@@ -69,7 +69,8 @@ def test_gpu_stage_actors_get_distinct_devices_without_deadlock(tmp_path, ray_lo
 def test_two_actors_of_one_stage_get_both_gpus(tmp_path, ray_local, probe_dir):
     paths = write_coco(tmp_path / "data", {f"im{i}.png": (24, 20) for i in range(8)})
     cfg = _cfg(paths, "impl.grounder=job_probes:DeviceProbe", "grounder.enabled=true", "grounder.num_actors=2",
-               "grounder.num_gpus=1", "grounder.num_cpus=0.25", "grounder.batch_size=1")
+               "grounder.num_gpus=1", "grounder.num_cpus=0.25", "grounder.batch_size=1",
+               "read.batch_size=1")  # else Ray Data may bundle all rows into one read output: one actor busy
     assert run_job(cfg, tmp_path / "out", progress=False)["written"] == 8
     assert sorted(_actors(probe_dir, {"GrounderConfig"})["GrounderConfig"]) == ["0", "1"]
 
@@ -80,8 +81,9 @@ def test_pools_that_cannot_start_are_refused(tmp_path, ray_local, monkeypatch):
                "captioner.enabled=true", "captioner.num_gpus=1", "captioner.num_actors=2",
                "segmenter.enabled=true", "segmenter.num_gpus=1")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(ConfigError, match="need 3 GPUs, the cluster has 2"):
+    with pytest.raises(ConfigError, match="stages captioner, segmenter ask for 3 GPUs and the cluster has 2"):
         run_job(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # a refused start writes nothing
     cfg = _cfg(paths, "impl.captioner=job_probes:DeviceProbe", "captioner.enabled=true", "captioner.num_cpus=2")
-    with pytest.raises(ConfigError, match="num_cpus"):
+    with pytest.raises(ConfigError, match=r"captioner 2 \(1 x num_cpus=2\)"):  # names the stage holding them
         run_job(cfg, tmp_path / "out2", progress=False)

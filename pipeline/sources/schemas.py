@@ -31,7 +31,7 @@ M = TypeVar("M", bound=BaseModel)
 
 #: Deepest nesting of arrays and objects accepted in an annotation file (COCO polygons are 4 deep).
 MAX_JSON_DEPTH = 32
-_CHUNK = 4 << 20
+_CHUNK = 1 << 20
 
 
 class _Loose(BaseModel):
@@ -104,33 +104,31 @@ def json_file(path: str | Path, what: str) -> Path:
 def check_depth(path: Path, limit: int = MAX_JSON_DEPTH) -> int:
     """The deepest nesting of ``[``/``{`` outside strings, stopping early once past ``limit``.
 
-    Vectorised over memory-mapped chunks with numpy (no JSON library reports depth without building
+    Vectorised over 1 MiB chunks with numpy (no JSON library reports depth without building
     the document): a quote preceded by an odd run of backslashes is escaped, the parity of the
     unescaped quotes marks string contents, and the running sum of opening minus closing brackets
     outside strings is the depth. Carried between chunks: depth, string parity, trailing backslashes.
     """
-    size = path.stat().st_size
-    if size == 0:
-        return 0
     depth, in_string, trailing_bs, deepest = 0, 0, 0, 0
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        for start in range(0, size, _CHUNK):
-            b = np.frombuffer(mm[start:start + _CHUNK], dtype=np.uint8)
-            pos = np.arange(b.size, dtype=np.int64)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            b = np.frombuffer(chunk, dtype=np.uint8)
+            pos = np.arange(b.size, dtype=np.int32)
             # index of the last non-backslash at or before each position (-1: none in this chunk)
-            last_nb = np.maximum.accumulate(np.where(b == 0x5C, -1, pos))
+            last_nb = np.maximum.accumulate(np.where(b == 0x5C, np.int32(-1), pos))
+            del pos
             quote = np.flatnonzero(b == 0x22)
             prev = quote - 1
             lnb = np.where(prev >= 0, last_nb[np.maximum(prev, 0)], -1)
             run = np.where(lnb >= 0, prev - lnb, quote + trailing_bs)  # backslashes just before each quote
             toggles = np.zeros(b.size, dtype=np.int8)
             toggles[quote[run % 2 == 0]] = 1
-            parity = (np.cumsum(toggles, dtype=np.int64) + in_string) % 2
+            parity = (np.cumsum(toggles, dtype=np.int32) + in_string) % 2
             delta = np.zeros(b.size, dtype=np.int8)
             delta[(b == 0x5B) | (b == 0x7B)] = 1
             delta[(b == 0x5D) | (b == 0x7D)] = -1
             delta[parity == 1] = 0
-            levels = depth + np.cumsum(delta, dtype=np.int64)
+            levels = depth + np.cumsum(delta, dtype=np.int32)
             deepest = max(deepest, int(levels.max()))
             if deepest > limit:
                 return deepest
