@@ -102,6 +102,10 @@ def test_vg_regions_become_clipped_boxes(tmp_path):
     with pytest.raises(SourceError, match=r"bad\.json.*regions\[0\]\.x"):
         list(VgSource("vg", str(tmp_path / "images"), str(tmp_path / "image_data.json"),
                       regions=str(tmp_path / "bad.json")).plan())
+    (tmp_path / "bad.json").write_text(json.dumps({"regions": []}))
+    with pytest.raises(SourceError, match="expected a JSON list"):
+        list(VgSource("vg", str(tmp_path / "images"), str(tmp_path / "image_data.json"),
+                      regions=str(tmp_path / "bad.json")).plan())
 
 
 def test_folder_source_walks_the_tree_with_stable_keys(tmp_path):

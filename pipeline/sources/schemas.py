@@ -187,6 +187,11 @@ def elements(path: Path, key: str, model: type[M], file_model: str) -> Iterator[
         yield n, validate(raw, model, path, f"{key}[{n}]")
     if n < 0 and key and not has_key(path, key):
         raise SourceError(f"{path}: malformed {file_model} file: {key}: Field required")
+    if n < 0 and not key:
+        with open(path, "rb") as f:
+            first = f.read(4096).lstrip()[:1]
+        if first != b"[":
+            raise SourceError(f"{path}: expected a JSON list of {model.__name__} objects")
 
 
 def validate(data: Any, model: type[M], path: str | Path, where: str = "") -> M:
