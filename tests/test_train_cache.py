@@ -22,6 +22,7 @@ from trainer.train import train
 STEPS = 4
 
 
+@pytest.mark.slow
 def test_cache_matches_images(synth_shards, tmp_path):
     common = [f"steps={STEPS}"]
     images = tmp_path / "images"

@@ -86,6 +86,7 @@ def test_version_and_output_alias(capsys):
                                        "--overwrite"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_exit_130(synth_shards, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "trainer", "train", "--config", str(DEMO), "--shards", str(synth_shards),
