@@ -111,7 +111,7 @@ def _opencv_clean(mask: np.ndarray) -> np.ndarray | None:
 
         mask, _ = sa_clean(mask, MIN_AREA, mode="holes")
         return sa_clean(mask, MIN_AREA, mode="islands")[0]
-    except ImportError:  # OpenCV is a dev dependency only
+    except ImportError:  # an install without OpenCV: the figure is left out
         return None
 
 
