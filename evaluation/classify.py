@@ -73,7 +73,7 @@ class TextClassifier:
         summed.index_add_(0, self.synonym_class, self.synonym_embeddings)
         #: ``[K, D]`` normalised mean of each class's synonyms (the ``mean`` rule)
         self.class_embeddings = F.normalize(summed, dim=-1)
-        self.logit_scale = float(model.logit_scale_exp())
+        self.logit_scale = float(model.logit_scale_exp().detach())
 
     def logits(self, mask_embeddings: torch.Tensor) -> torch.Tensor:
         """``[S, D]`` normalised mask embeddings -> ``[S, K]`` scaled cosine similarities."""

@@ -25,7 +25,12 @@ class GroundTruthModel:
         self.permutation = permutation
         self.class_embeddings: torch.Tensor | None = None
         # the ground truth of each image, found by its pixels
-        self.labels = {self._image_key(read_rgb(s.image)): dataset.load_label(s) for s in dataset.samples}
+        self.labels = {}
+        for s in dataset.samples:
+            try:
+                self.labels[self._image_key(read_rgb(s.image))] = dataset.load_label(s)
+            except (OSError, ValueError):
+                continue  # a broken file: the evaluation reports it, this model never sees it
 
     @staticmethod
     def _image_key(image) -> str:
