@@ -10,6 +10,17 @@ OUT ?= outputs
 CONFIG ?= pipeline/configs/demo.yaml
 TRAIN_CONFIG ?= trainer/configs/demo.yaml
 SHARDS ?= $(OUT)/demo/shards
+# evaluation: make eval-ade20k / make eval (python -m evaluation semseg --help)
+CKPT ?= $(OUT)/demo/train/final
+ADE20K_ROOT ?= datasets/ADEChallengeData2016
+DATASET ?= ade20k-150
+ROOT ?=
+EVAL_CONFIG ?= evaluation/configs/default.yaml
+EVAL_OUT ?= $(OUT)/eval
+DEMO_TIMES = $(OUT)/demo/timings.jsonl
+# $(call timed,STAGE,COMMAND): run COMMAND (no commas in it: they split call arguments); on success
+# append {"stage", "seconds"} to $(DEMO_TIMES)
+timed = start=$$(date +%s%N); $(2) && echo "{\"stage\": \"$(1)\", \"seconds\": $$(( ($$(date +%s%N) - start) / 1000000 ))e-3}" >> $(DEMO_TIMES)
 NPROC ?= $(shell nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($$1 > 0) ? $$1 : 1}')
 PYTEST_ARGS ?=
 
@@ -17,7 +28,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help setup test test-fast lint demo synth curate train eval-ade20k bench clean
+.PHONY: help setup test test-fast lint demo synth curate train eval-ade20k eval bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -43,16 +54,24 @@ lint: setup ## ruff
 synth: setup ## write the synthetic dataset to $(OUT)/synth
 	$(PY) -m pipeline synth --out $(OUT)/synth --images 64 --seed 0
 
-demo: setup ## main job on the embedded default: synthetic shapes -> curation on Ray -> shards -> overlays -> training
-	$(PY) -m pipeline synth --out $(OUT)/demo/synth --images 64 --seed 0
-	$(PY) -m pipeline curate --config pipeline/configs/demo.yaml --images $(OUT)/demo/synth/images \
+demo: setup ## main job on the embedded default: synthetic shapes -> curation on Ray -> shards -> training -> evaluation
+	@mkdir -p $(OUT)/demo && rm -f $(DEMO_TIMES)
+	@$(call timed,synth,$(PY) -m pipeline synth --out $(OUT)/demo/synth --images 64 --seed 0)
+	@$(call timed,curate,$(PY) -m pipeline curate --config pipeline/configs/demo.yaml --images $(OUT)/demo/synth/images \
 		--annotations $(OUT)/demo/synth/instances.json --captions $(OUT)/demo/synth/captions.json \
-		--output $(OUT)/demo/shards
-	$(PY) -m shards validate $(OUT)/demo/shards
+		--output $(OUT)/demo/shards)
+	@$(call timed,validate,$(PY) -m shards validate $(OUT)/demo/shards)
 	$(PY) -m shards stats $(OUT)/demo/shards
-	$(PY) -m shards inspect $(OUT)/demo/shards --out $(OUT)/demo/overlays --limit 8
-	$(PY) -m trainer train --config trainer/configs/demo.yaml --shards $(OUT)/demo/shards --output $(OUT)/demo/train --overwrite
-	@echo "demo done: shards in $(OUT)/demo/shards, overlays in $(OUT)/demo/overlays, model in $(OUT)/demo/train/final"
+	@$(call timed,inspect,$(PY) -m shards inspect $(OUT)/demo/shards --out $(OUT)/demo/overlays --limit 8)
+	@$(call timed,train,$(PY) -m trainer train --config trainer/configs/demo.yaml --shards $(OUT)/demo/shards --output $(OUT)/demo/train --overwrite)
+	@$(call timed,tiny-sam,$(PY) -m evaluation tiny-sam --out $(OUT)/demo/tiny-sam)
+	@$(call timed,eval-oracle,$(PY) -m evaluation semseg --dataset synth --root $(OUT)/demo/synth \
+		--checkpoint $(OUT)/demo/train/final --output $(OUT)/demo/eval-oracle --config evaluation/configs/demo.yaml --oracle -q)
+	@$(call timed,eval-sam,$(PY) -m evaluation semseg --dataset synth --root $(OUT)/demo/synth \
+		--checkpoint $(OUT)/demo/train/final --output $(OUT)/demo/eval-sam --config evaluation/configs/demo.yaml -q \
+		sam.model=$(OUT)/demo/tiny-sam)
+	$(PY) -m evaluation demo-summary --demo $(OUT)/demo
+	@echo "demo done: shards in $(OUT)/demo/shards, model in $(OUT)/demo/train/final, evaluation in $(OUT)/demo/eval-*, figures in $(OUT)/demo/summary.json"
 
 curate: setup ## run a curation job: make curate CONFIG=pipeline/configs/coco.yaml ARGS="--images ... --output ..."
 	$(PY) -m pipeline curate --config $(CONFIG) $(ARGS)
@@ -61,8 +80,14 @@ train: setup ## train USE on shards with torchrun: make train SHARDS=dir [TRAIN_
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m trainer train \
 		--config $(TRAIN_CONFIG) --shards $(SHARDS) --output $(OUT)/train $(ARGS)
 
-eval-ade20k: setup ## open-vocabulary semantic segmentation on ADE20K-150
-	@echo "eval-ade20k: the evaluation issue has not landed yet (evaluation/ is a skeleton)." >&2; exit 2
+eval-ade20k: setup ## ADE20K-150 mIoU: make eval-ade20k [ADE20K_ROOT=datasets/ADEChallengeData2016] [CKPT=...] [ARGS="key=value ..."]
+	$(PY) -m evaluation semseg --dataset ade20k-150 --root $(ADE20K_ROOT) --checkpoint $(CKPT) \
+		--output $(EVAL_OUT)/ade20k-150 --config $(EVAL_CONFIG) $(ARGS)
+
+eval: setup ## any benchmark: make eval DATASET=pc-59 ROOT=datasets/VOCdevkit/VOC2010 [CKPT=...] [ARGS=...]
+	@test -n "$(ROOT)" || { echo "make eval: set ROOT=<dataset folder> (and DATASET=$(DATASET))" >&2; exit 2; }
+	$(PY) -m evaluation semseg --dataset $(DATASET) --root $(ROOT) --checkpoint $(CKPT) \
+		--output $(EVAL_OUT)/$(DATASET) --config $(EVAL_CONFIG) $(ARGS)
 
 bench: setup ## benchmarks; figures go to BENCHMARKS.md
 	$(PY) -m benchmarks.run --out BENCHMARKS.md

@@ -5,6 +5,7 @@
         [--save-predictions] [--limit N] [--config evaluation/configs/default.yaml] [key=value ...]
     python -m evaluation prepare ade20k-847 --src datasets/ADE20K_2021_17_01 [--dst DIR]
     python -m evaluation tiny-sam --out outputs/demo/tiny-sam
+    python -m evaluation demo-summary --demo outputs/demo
 
 Overrides are dotted config keys with YAML values (``sam.points_per_side=16 ray.num_actors=4``).
 Exit status: 0 done, 2 bad input (one line naming what and where), 130 interrupted (rerun the same
@@ -24,6 +25,7 @@ from shards.overrides import OverrideError
 from .config import DEFAULT_CONFIG, EvalConfig
 from .datasets import SPECS, DatasetError
 from .datasets.prepare import PREPARERS, prepare
+from .demo_summary import add_parser as add_demo_summary
 from .semseg import evaluate_semseg
 from .tiny_sam import add_parser as add_tiny_sam
 
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     add_tiny_sam(sub)
+    add_demo_summary(sub)
     if importlib.util.find_spec("evaluation.search") and importlib.util.find_spec("evaluation.search.cli"):
         importlib.import_module("evaluation.search.cli").register(sub)
     return ap
