@@ -51,11 +51,13 @@ class EvalActor:
         self.dataset = open_dataset(dataset, root)
         self.predictor = load_predictor(cfg, self.dataset, checkpoint, oracle, cache_root)
         self.keep = set(keep)
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         results, preds = [], []
         for index in batch["index"].tolist():
             res = self.predictor.evaluate(self.dataset.samples[index], keep_prediction=index in self.keep)
+            res.node = self.node
             results.append(res.to_json())
             preds.append(encode_prediction(res.prediction))
         return {"index": batch["index"], "result": np.array([json.dumps(r) for r in results], dtype=object),
@@ -92,9 +94,8 @@ def run_on_ray(cfg: EvalConfig, dataset: str, root: str, checkpoint: str, oracle
             compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_actors),
             num_gpus=cfg.ray.num_gpus or None, num_cpus=cfg.ray.num_cpus)
         for row in ds.iter_rows():
-            data = json.loads(row["result"])
-            res = ImageResult(data["key"], data["cells"], data["masks"], data["seconds"], data["error"],
-                              decode_prediction(row["prediction"]))
+            res = ImageResult.from_json(json.loads(row["result"]))
+            res.prediction = decode_prediction(row["prediction"])
             yield int(row["index"]), res
     finally:
         if started:

@@ -43,11 +43,16 @@ class ImageResult:
     masks: int = 0
     seconds: float = 0.0
     error: str = ""
+    node: str = ""        # the Ray node that evaluated it ("" in-process)
     prediction: np.ndarray | None = None  # class ids at ground-truth size (not serialised)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "cells": self.cells, "masks": self.masks, "seconds": round(self.seconds, 4),
-                "error": self.error}
+                "error": self.error, "node": self.node}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ImageResult:
+        return cls(d["key"], d["cells"], d["masks"], d["seconds"], d["error"], d.get("node", ""))
 
     def add_to(self, cm: ConfusionMatrix) -> None:
         if self.cells:
@@ -82,7 +87,7 @@ class Predictor:
         """SAM proposals of ``image`` as ``[S, H, W]`` bool, from the cache when present."""
         proposals = self.cache.get(key) if self.cache is not None else None
         if proposals is None:
-            proposals = self.generator.generate(np.asarray(image))
+            proposals = self.generator.generate(np.array(image))  # writable: torch.from_numpy warns otherwise
             if self.cache is not None:
                 self.cache.put(key, proposals)
         h, w = image.height, image.width

@@ -73,7 +73,7 @@ def _load_done(folder: Path, keys: set[str]) -> dict[str, ImageResult]:
         try:
             d = json.loads(path.read_text())
             if d["key"] in keys and not d["error"]:
-                done[d["key"]] = ImageResult(d["key"], d["cells"], d["masks"], d["seconds"], d["error"])
+                done[d["key"]] = ImageResult.from_json(d)
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable per-image result %s: %s", path, e)
     return done
