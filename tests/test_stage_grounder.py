@@ -7,9 +7,11 @@ import torch
 from fixtures_models import image_bytes, make_batch, tiny_model_dirs
 from transformers.models.grounding_dino.modeling_grounding_dino import GroundingDinoObjectDetectionOutput
 
+from pipeline.nms import mask_nms
 from pipeline.record import Box, Phrase, Record, records_of
-from pipeline.stages.config import GrounderConfig
+from pipeline.stages.config import GrounderConfig, SegmenterConfig
 from pipeline.stages.grounder import Grounder, prompt_phrase
+from pipeline.stages.segmenter import Segmenter
 
 PHRASES = ["a man in a red shirt", "a brown horse", "a wooden fence", "the sky", "a big tree near the road",
            "a blue car", "a small dog", "the kitchen table", "a white cup on the table", "a green boat on the water",
@@ -98,8 +100,8 @@ def test_each_box_maps_back_to_its_phrase_across_chunks(grounder, monkeypatch):
         last = len(spans) - 1
         expected.append(words[last])
         queries = [([-10.0] * last + [4.0], (0.5, 0.5, 0.4, 0.4))]
-        if len(spans) >= 2:  # one box whose text label covers two phrases: the stronger one wins
-            queries.append(([0.5, 3.0], (0.3, 0.3, 0.2, 0.2)))
+        if len(spans) >= 2:  # only the phrase above the text threshold (sigmoid(-3) = 0.05 < 0.2)
+            queries.append(([-3.0, 3.0], (0.3, 0.3, 0.2, 0.2)))
             expected.append(words[1])
         return queries
 
@@ -110,6 +112,27 @@ def test_each_box_maps_back_to_its_phrase_across_chunks(grounder, monkeypatch):
     assert sorted(b.text for b in out.boxes) == sorted(
         next(p for p in [*PHRASES, LONG] if p.startswith(e)) for e in expected)
     assert LONG in {b.text for b in out.boxes}  # truncated in its prompt, still mapped to itself
+
+
+def test_every_phrase_above_the_text_threshold_gets_the_box_and_reaches_the_segment(grounder, monkeypatch):
+    """One query scoring 0.95 on "a man in a red shirt" and 0.92 on "the man" (not on the horse):
+    both phrases are texts of the one final segment after SAM and mask NMS."""
+    logit = lambda p: float(torch.logit(torch.tensor(p)))  # noqa: E731
+    forward, _ = _fake_forward(grounder, lambda row, ids, spans: [
+        ([logit(0.95), logit(0.92), logit(0.1)], (0.5, 0.5, 0.5, 0.5))])
+    monkeypatch.setattr(grounder.model, "forward", forward)
+    image = image_bytes(64, 48)
+    (out,) = records_of(grounder(make_batch([_record(0, ["a man in a red shirt", "the man", "a brown horse"])],
+                                            [image])))
+    assert [(b.text, round(b.score, 4)) for b in out.boxes] == [("a man in a red shirt", 0.95), ("the man", 0.92)]
+    assert out.boxes[0].xyxy == out.boxes[1].xyxy == pytest.approx([16, 12, 48, 36], abs=1e-3)
+    segmenter = Segmenter(SegmenterConfig(model=str(tiny_model_dirs().sam), pred_iou_thresh=0,
+                                          stability_score_thresh=0, min_region_area=0, mask_threshold=-1e4))
+    (seg,) = records_of(segmenter(make_batch([out], [image])))
+    assert seg.failure is None and len(seg.segments) == 2
+    (final,) = mask_nms(seg.segments, 0.9)
+    assert [(t["text"], t["source"], round(t["score"], 4)) for t in final["texts"]] == [
+        ("a man in a red shirt", "llava:objects", 0.95), ("the man", "llava:objects", 0.92)]
 
 
 def test_no_box_above_threshold_and_annotation_boxes(grounder, monkeypatch):

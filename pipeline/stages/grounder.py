@@ -10,12 +10,13 @@ the BERT position table. All (image, prompt) pairs of a batch run through the mo
 ``prompt_batch_size`` at a time.
 
 Boxes come back from ``post_process_grounded_object_detection`` in absolute pixels of the
-EXIF-oriented image (``target_sizes`` are ``(height, width)``) with the text labels of the tokens
-above ``text_threshold``. Each box is mapped back to one phrase of its own prompt: the phrase whose
-decoded tokens equal the text label, otherwise (a label spanning several phrases, or only part of
-one) the phrase whose tokens the box scores highest; a box with no token above the text threshold
-has no phrase and is dropped. The text score kept with the box is its best token probability inside
-that phrase. Boxes from annotations (Visual Genome regions) already in ``record.boxes`` are kept.
+EXIF-oriented image (``target_sizes`` are ``(height, width)``). Each box is emitted once for every
+phrase of its own prompt whose best token probability passes ``text_threshold``, with that
+probability as the text score: in a packed prompt one query often scores high on several phrases
+that name the same object ("a man in a red shirt" 0.95, "the man" 0.92), and every one of them is a
+text of that object. SAM then turns the copies into near-identical masks, which mask NMS merges into
+one segment carrying all the texts (``pipeline.nms``). A box with no phrase above the text threshold
+is dropped. Boxes from annotations (Visual Genome regions) already in ``record.boxes`` are kept.
 """
 
 from __future__ import annotations
@@ -136,19 +137,16 @@ class Grounder:
             probs = outputs.logits[b].sigmoid()
             kept = (probs.max(dim=-1).values > self.config.box_threshold).nonzero().flatten()
             spans = phrase_spans(input_ids[b].tolist(), self.separator_ids)[: len(prompt.phrase_ids)]
-            decoded = [self.tokenizer.decode(input_ids[b, s:e]).strip() for s, e in spans]
             phrases = records[prompt.row].phrases
             boxes = []
-            for q, xyxy, label in zip(kept.tolist(), result["boxes"].tolist(), result["text_labels"], strict=True):
-                k, score = assign_phrase(label.strip(), decoded, probs[q], spans, self.config.text_threshold)
-                if k is None:
-                    continue
+            for q, xyxy in zip(kept.tolist(), result["boxes"].tolist(), strict=True):
                 x0, y0, x1, y1 = min(max(xyxy[0], 0.0), w), min(max(xyxy[1], 0.0), h), \
                     min(max(xyxy[2], 0.0), w), min(max(xyxy[3], 0.0), h)
                 if x1 - x0 < self.config.min_box_side or y1 - y0 < self.config.min_box_side:
                     continue
-                phrase = phrases[prompt.phrase_ids[k]]
-                boxes.append(Box(xyxy=[x0, y0, x1, y1], text=phrase.text, source=phrase.source, score=score))
+                for k, score in grounded_phrases(probs[q], spans, self.config.text_threshold):
+                    phrase = phrases[prompt.phrase_ids[k]]
+                    boxes.append(Box(xyxy=[x0, y0, x1, y1], text=phrase.text, source=phrase.source, score=score))
             out.append(boxes)
         return out
 
@@ -169,18 +167,19 @@ def phrase_spans(input_ids: list[int], separator_ids: set[int]) -> list[tuple[in
     return spans
 
 
-def assign_phrase(label: str, decoded: list[str], token_probs: torch.Tensor, spans: list[tuple[int, int]],
-                  text_threshold: float) -> tuple[int | None, float]:
-    """The phrase index a box grounds and the box's best token probability inside it.
+def grounded_phrases(token_probs: torch.Tensor, spans: list[tuple[int, int]],
+                     text_threshold: float) -> list[tuple[int, float]]:
+    """``(phrase index, best token probability)`` of every phrase of the prompt that a box grounds.
 
-    The post-processing text label decides when it is exactly one phrase; otherwise the phrase
-    holding the box's highest token probability, if that is above the text threshold.
+    A phrase is grounded when one of its tokens passes ``text_threshold`` (Grounding DINO's own rule
+    for the tokens of a text label); vectorised over the phrases with one segment-max.
     """
     if not spans:
-        return None, 0.0
-    best = [float(token_probs[s:e].max()) for s, e in spans]
-    matches = [k for k, text in enumerate(decoded) if text == label]
-    if label and len(matches) == 1:
-        return matches[0], best[matches[0]]
-    k = int(np.argmax(best))
-    return (k, best[k]) if best[k] > text_threshold else (None, 0.0)
+        return []
+    owner = torch.full((token_probs.shape[0],), -1, dtype=torch.long)
+    for k, (s, e) in enumerate(spans):
+        owner[s:e] = k
+    inside = owner >= 0
+    best = torch.zeros(len(spans), dtype=token_probs.dtype).scatter_reduce(
+        0, owner[inside], token_probs.detach().cpu()[inside], reduce="amax", include_self=False)
+    return [(k, float(best[k])) for k in (best > text_threshold).nonzero().flatten().tolist()]
