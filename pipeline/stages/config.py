@@ -78,6 +78,11 @@ DEFAULT_STOP_NOUNS: tuple[str, ...] = (
 )
 
 
+#: Head nouns that name a part of something only with an "of" attachment ("the back of the chair");
+#: alone ("in the back") they are directions and dropped.
+DEFAULT_PART_NOUNS: tuple[str, ...] = ("back", "front", "top", "side", "bottom", "middle")
+
+
 class PhraseConfig(StageConfig):
     """spaCy noun chunks expanded to referring expressions (CPU only)."""
 
@@ -93,6 +98,8 @@ class PhraseConfig(StageConfig):
     expand_deps: tuple[str, ...] = Field(("prep",), description="right dependents of the head that are kept")
     strip_determiners: bool = Field(False, description="drop a leading a/an/the from the phrase text")
     stop_nouns: tuple[str, ...] = DEFAULT_STOP_NOUNS
+    part_nouns: tuple[str, ...] = Field(DEFAULT_PART_NOUNS, description="heads kept only with an 'of' attachment "
+                                        "(then never a stop noun)")
 
     @model_validator(mode="after")
     def _check_words(self) -> PhraseConfig:

@@ -2,7 +2,9 @@
 
 Every caption of a record (LLaVA's and the dataset's alike) is parsed with ``nlp.pipe``. Each noun
 chunk whose head is a noun (pronouns and "which" are skipped, as are heads such as "image" or
-"left" that name the picture rather than a thing, ``PhraseConfig.stop_nouns``) is expanded to a
+"left" that name the picture rather than a thing, ``PhraseConfig.stop_nouns``; a head of
+``PhraseConfig.part_nouns`` such as "back" or "top" is kept only with its "of" attachment, so that
+"the back of the chair" and "the top of a red bus" stay while a bare "the back" goes) is expanded to a
 referring expression: the chunk plus the head's right dependents of the kinds in
 ``PhraseConfig.expand_deps`` (prepositional attachments by default: "a man" -> "a man in a red
 shirt") with their own subtrees, pruned at coordination, appositions, relative and adverbial clauses
@@ -43,7 +45,8 @@ class PhraseExpander:
     def __init__(self, config: PhraseConfig | dict):
         self.config = config if isinstance(config, PhraseConfig) else PhraseConfig.model_validate(config)
         self.nlp = load_spacy((self.config.spacy_model, *self.config.fallback_models))
-        self.stop_nouns = frozenset(n.lower() for n in self.config.stop_nouns)
+        self.part_nouns = frozenset(n.lower() for n in self.config.part_nouns)
+        self.stop_nouns = frozenset(n.lower() for n in self.config.stop_nouns) - self.part_nouns
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
@@ -71,10 +74,14 @@ class PhraseExpander:
         out = []
         for chunk in doc.noun_chunks:
             root = chunk.root
-            if root.pos_ not in ("NOUN", "PROPN") or root.lemma_.lower() in self.stop_nouns \
-                    or root.text.lower() in self.stop_nouns:
+            words = {root.lemma_.lower(), root.text.lower()}
+            if root.pos_ not in ("NOUN", "PROPN") or words & self.stop_nouns:
                 continue
-            for span in (self._expand(chunk), chunk):
+            part = bool(words & self.part_nouns)
+            expanded = self._expand(chunk)
+            if part and not any(c.dep_ == "prep" and c.lower_ == "of" and c.i < expanded.end for c in root.rights):
+                continue  # "the back" alone is a direction; "the back of the chair" is a part
+            for span in (expanded,) if part else (expanded, chunk):
                 text = normalise(span.text, self.config.strip_determiners)
                 n = len(text.split())
                 if self.config.min_words <= n <= self.config.max_words:
