@@ -23,9 +23,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.images import MAX_PIXELS, MIN_SIDE
 from pipeline.stages.config import CaptionerConfig, GrounderConfig, PhraseConfig, SegmenterConfig
 from shards import overrides
+from shards.image import MAX_BYTES, MAX_PIXELS, MIN_SIDE, ReadPolicy
 
 STAGES = ("captioner", "phrases", "grounder", "segmenter")
 _DEFAULT_IMPL = {
@@ -75,10 +75,14 @@ class ReadConfig(_Strict):
     min_side: int = Field(MIN_SIDE, ge=1, description="images with a shorter side fail (the stages' decoder "
                                                       "uses the same limit)")
     max_pixels: int = Field(MAX_PIXELS, ge=1, description="decompression-bomb limit in pixels")
-    max_bytes: int = Field(128 << 20, ge=1, description="files larger than this fail without being read")
+    max_bytes: int = Field(MAX_BYTES, ge=1, description="files larger than this fail without being read")
     follow_symlinks_outside: bool = Field(False, description="read files whose symlinks resolve outside "
                                                              "source.images (refused by default)")
     batch_size: int = Field(16, ge=1, description="images per read task batch")
+
+    def policy(self) -> ReadPolicy:
+        """The one decoder's policy (``shards.image``) that the read step and every model stage apply."""
+        return ReadPolicy(min_side=self.min_side, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
 
 
 class RayConfig(_Strict):

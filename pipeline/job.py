@@ -255,8 +255,8 @@ def build_dataset(cfg: JobConfig, items: list[dict[str, str]], ledger: Any = Non
                                    "max_bytes": r.max_bytes, "follow_symlinks_outside": r.follow_symlinks_outside})
     for name in cfg.enabled_stages():
         stage = getattr(cfg, name)
-        if "max_pixels" in type(stage).model_fields:  # decode with the limit the read step applied
-            stage = stage.model_copy(update={"max_pixels": cfg.read.max_pixels})
+        if "read" in type(stage).model_fields:  # decode under the read step's policy
+            stage = stage.model_copy(update={"read": cfg.read.policy()})
         ds = ds.map_batches(
             StageRunner, batch_format="numpy", batch_size=stage.batch_size, num_gpus=stage.num_gpus or None,
             num_cpus=stage.num_cpus, compute=ray.data.ActorPoolStrategy(size=stage.num_actors),

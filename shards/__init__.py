@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "image": ("DEFAULT_POLICY", "ImageDecodeError", "ReadPolicy", "decode_image", "decode_rgb_array"),
     "manifest": ("build_manifest", "read_failures", "read_manifest"),
     "reader": ("ShardSample", "decode_sample", "iter_samples", "load_image", "open_shards", "shard_urls"),
     "schema": ("SCHEMA_VERSION", "Caption", "SampleMeta", "SchemaError", "Segment", "Text", "make_key"),

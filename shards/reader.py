@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import numpy as np
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image
 
+from .image import SHARD_POLICY, ReadPolicy, decode_image
 from .schema import ALLOWED_EXTENSIONS, IMAGE_EXTENSIONS, SampleMeta, SchemaError
 from .writer import list_shards
 
@@ -42,15 +43,15 @@ class ShardSample:
     url: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def image(self) -> Image.Image:
-        """The image as RGB, EXIF orientation applied (as the pipeline saw it)."""
-        return load_image(self.image_bytes)
+    def image(self, policy: ReadPolicy | None = None) -> Image.Image:
+        """The image as the pipeline's stages saw it: the one decoder (:mod:`shards.image`), EXIF
+        orientation applied, transparency on the policy's background, 16-bit scaled by bit depth."""
+        return load_image(self.image_bytes, policy)
 
 
-def load_image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+def load_image(data: bytes, policy: ReadPolicy | None = None) -> Image.Image:
+    """Decode a shard image with :func:`shards.image.decode_image` (``SHARD_POLICY`` by default)."""
+    return decode_image(data, policy or SHARD_POLICY)
 
 
 def shard_urls(source: str | Path | Sequence[str | Path]) -> list[str]:

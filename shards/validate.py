@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from . import rle
+from .image import SHARD_POLICY, ImageDecodeError
+from .image import probe as probe_image
 from .rle import rle_counts
 from .schema import ALLOWED_EXTENSIONS, IMAGE_EXTENSIONS, SampleMeta, SchemaError, is_valid_key
 from .writer import file_sha256, list_shards, stats_path
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 NO_KEY = "-"  # the key column of a problem that concerns a whole shard or directory
 _BLOCK = tarfile.BLOCKSIZE
-_ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
 MAX_MEMBER_BYTES = 1 << 28  # 256 MiB: no image or JSON is larger; a bigger member is not read into memory
 _STATS_NAME = re.compile(r"^(?P<stem>.+)\.stats\.json$")
 
@@ -225,19 +225,16 @@ def _check_sample(key: str, members: dict[str, bytes], report) -> SampleMeta | N
 
 
 def _check_image(data: bytes, meta: SampleMeta, report) -> None:
-    """The image header's size (after EXIF orientation, as the reader sees it) must match the JSON."""
+    """The image header's size (after EXIF orientation, as the reader sees it) must match the JSON.
+
+    Read with the one decoder's header probe (:func:`shards.image.probe`), so the validator, the
+    reader and the pipeline agree on orientation and on the pixel limit; no pixel is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            raw_exif = img.info.get("exif")
-            if raw_exif:
-                exif = Image.Exif()
-                exif.load(raw_exif)
-                if exif.get(_ORIENTATION) in (5, 6, 7, 8):
-                    w, h = h, w
-    except Exception as e:  # PIL raises many types on corrupt headers  # noqa: BLE001
-        report(f"image .{meta.image_ext} is not a readable image ({type(e).__name__}: {e})")
+        info = probe_image(data, SHARD_POLICY)
+    except ImageDecodeError as e:
+        report(f"image .{meta.image_ext} is not a usable image ({e})")
         return
+    w, h = info.width, info.height
     if (w, h) != (meta.width, meta.height):
         report(f"image is {w}x{h} (WxH) but the JSON says {meta.width}x{meta.height}; "
                "the RLEs (sized from the JSON) do not fit the image")

@@ -9,6 +9,7 @@ enough to be killed mid-run; ``FlakyProbe`` raises for some rows to test row-by-
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -60,7 +61,10 @@ class ConfigProbe:
     """Writes the config its actor was built with as a caption (to see what the job hands a stage)."""
 
     def __init__(self, config):
-        self.dump = config.model_dump_json()
+        dump = config.model_dump(mode="json")
+        if "read" in type(config).model_fields:  # the job's read policy (excluded from the stage's own dump)
+            dump["read"] = config.read.model_dump(mode="json")
+        self.dump = json.dumps(dump)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)

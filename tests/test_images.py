@@ -1,4 +1,4 @@
-"""pipeline.images.decode: every bad-input kind either decodes to sane RGB or fails with a clear error."""
+"""shards.image.decode_image (the one decoder): every bad-input kind either decodes to sane RGB or fails with a clear error."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode, size_of
+from shards.image import ImageDecodeError, ReadPolicy, size_of
+from shards.image import decode_image as decode
 
 
 def _save(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -93,7 +94,7 @@ def test_exif_orientation_6_is_applied():
 
 
 def test_one_by_one_image_is_too_small():
-    with pytest.raises(ImageDecodeError, match="too small"):
+    with pytest.raises(ImageDecodeError, match="smaller than read.min_side=16"):
         decode(_save(Image.new("RGB", (1, 1)), "PNG"))
 
 
@@ -104,9 +105,9 @@ def test_decompression_bomb_from_header():
 
 def test_decompression_bomb_limit_is_a_parameter():
     data = _save(Image.new("RGB", (100, 100)), "PNG")
-    with pytest.raises(ImageDecodeError, match="10000 pixels is over the decompression-bomb limit of 5000"):
-        decode(data, max_pixels=5000)
-    assert decode(data, max_pixels=10_000).size == (100, 100)
+    with pytest.raises(ImageDecodeError, match="10000 pixels is over the decompression-bomb limit read.max_pixels=5000"):
+        decode(data, ReadPolicy(max_pixels=5000))
+    assert decode(data, ReadPolicy(max_pixels=10_000)).size == (100, 100)
 
 
 def test_read_and_decode_apply_the_same_pixel_limit(monkeypatch):
@@ -117,6 +118,6 @@ def test_read_and_decode_apply_the_same_pixel_limit(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL warns above 1000 px, refuses above 2000
     data = _save(Image.new("RGB", (40, 40), (10, 200, 30)), "PNG")  # 1600 px: warned, not refused
     assert probe(data, min_side=8, max_pixels=10_000).width == 40
-    assert decode(data, max_pixels=10_000).size == (40, 40)
+    assert decode(data, ReadPolicy(max_pixels=10_000)).size == (40, 40)
     with pytest.raises(ImageDecodeError, match="decompression-bomb"):
-        decode(_save(Image.new("RGB", (50, 50)), "PNG"), max_pixels=10_000)  # 2500 px: PIL's hard limit
+        decode(_save(Image.new("RGB", (50, 50)), "PNG"), ReadPolicy(max_pixels=10_000))  # 2500 px: PIL's hard limit

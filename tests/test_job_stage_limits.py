@@ -14,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.record import Record
 from pipeline.stages.common import decode_pending
+from shards.image import ReadPolicy
 
 
 @pytest.mark.slow
@@ -21,11 +22,11 @@ def test_stages_get_read_max_pixels(tmp_path, ray_local):
     paths = write_coco(tmp_path / "data", {f"im{i}.png": (24, 20) for i in range(3)})
     cfg = load_config("pipeline/configs/demo.yaml", [
         f"source.images={paths['images']}", f"source.annotations={paths['annotations']}",
-        "impl.captioner=job_probes:ConfigProbe", "captioner.enabled=true", "read.max_pixels=123456"])
+        "impl.captioner=job_probes:ConfigProbe", "captioner.enabled=true", "read.max_pixels=123456", "read.min_side=8"])
     assert run_job(cfg, tmp_path / "out", progress=False)["written"] == 3
     for s in shards.iter_samples(tmp_path / "out"):
         dumps = [json.loads(c.text) for c in s.meta.captions if c.source == "probe"]
-        assert [d["max_pixels"] for d in dumps] == [123456]
+        assert [(d["read"]["max_pixels"], d["read"]["min_side"]) for d in dumps] == [(123456, 8)]
 
 
 def test_decode_pending_applies_the_limit():
@@ -37,7 +38,7 @@ def test_decode_pending_applies_the_limit():
     Image.new("RGB", (40, 30), "red").save(buf, "PNG")
     batch = {"image": np.array([buf.getvalue(), buf.getvalue()], dtype=object)}
     records = [Record(source="t", image_id="a"), Record(source="t", image_id="b")]
-    assert [i for i, _ in decode_pending(batch, records, "captioner", max_pixels=40 * 30)] == [0, 1]
+    assert [i for i, _ in decode_pending(batch, records, "captioner", policy=ReadPolicy(max_pixels=40 * 30))] == [0, 1]
     records = [Record(source="t", image_id="a"), Record(source="t", image_id="b")]
-    assert list(decode_pending(batch, records, "captioner", max_pixels=40 * 30 - 1)) == []
+    assert list(decode_pending(batch, records, "captioner", policy=ReadPolicy(max_pixels=40 * 30 - 1))) == []
     assert all(r.failure.stage == "captioner" and "decompression-bomb" in r.failure.error for r in records)

@@ -34,15 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.record import Record
+from shards.image import DEFAULT_POLICY, ImageDecodeError, ReadPolicy, decode_image
+from shards.image import probe as probe_header
 
 #: PIL format name -> the shard image extension (shards hold original bytes of these only).
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-#: EXIF orientations that swap width and height (transpose / rotate 90 / transverse / rotate 270).
-_SWAPS = {5, 6, 7, 8}
-_ORIENTATION = 0x0112
 
 
 class SourceError(ValueError):
@@ -66,54 +65,40 @@ class Probe:
 def probe(data: bytes, *, min_side: int, max_pixels: int, verify: str = "draft") -> Probe:
     """Size after EXIF orientation, format and integrity of image bytes; raises :class:`ReadError`.
 
-    The header gives size and orientation without decoding. ``verify="draft"`` then decodes once
-    (JPEGs at 1/8 scale through libjpeg's DCT scaling, which still reads the whole entropy stream)
-    so that truncated files fail here rather than in a trainer's data loader months later.
+    The header is read by the one decoder's :func:`shards.image.probe` (size, orientation, the
+    policy's limits) without decoding. ``verify="draft"`` then decodes once (JPEGs at 1/8 scale
+    through libjpeg's DCT scaling, which still reads the whole entropy stream) so that truncated
+    files fail here rather than in a trainer's data loader months later; ``verify="full"`` decodes
+    with :func:`shards.image.decode_image`, exactly as the stages and the trainer will.
     """
-    if not data:
-        raise ReadError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            raise ReadError(f"over the decompression-bomb limit: {e}") from e
-        except UnidentifiedImageError as e:
-            raise ReadError("not an image (unrecognised format)") from e
-        except Exception as e:  # PIL raises UnidentifiedImageError, SyntaxError, ValueError...
-            raise ReadError(f"not a readable image ({type(e).__name__}: {e})") from e
-        with img:
-            ext = FORMAT_EXT.get(img.format or "")
-            if ext is None:
-                raise ReadError(f"unsupported image format {img.format}; shards hold {sorted(FORMAT_EXT)} only")
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ReadError(f"image is {w}x{h} = {w * h} pixels, over the decompression-bomb limit "
-                                f"read.max_pixels={max_pixels}")
-            try:
-                orientation = int(img.getexif().get(_ORIENTATION, 1) or 1)
-            except Exception:  # a corrupt EXIF block is ignored, as browsers and PIL's exif_transpose do
-                orientation = 1
-            ow, oh = (h, w) if orientation in _SWAPS else (w, h)
-            if min(ow, oh) < min_side:
-                raise ReadError(f"image is {ow}x{oh}, smaller than read.min_side={min_side}")
-            if verify != "header":
-                _verify(img, data, verify, min_side, max_pixels)
-    return Probe(width=ow, height=oh, raw_width=w, raw_height=h, ext=ext, orientation=orientation)
+    policy = ReadPolicy(min_side=min_side, max_pixels=max_pixels, max_bytes=max(len(data or b""), 1))
+    try:
+        info = probe_header(data, policy)
+    except ImageDecodeError as e:
+        raise ReadError(str(e)) from e
+    ext = FORMAT_EXT.get(info.format)
+    if ext is None:
+        raise ReadError(f"unsupported image format {info.format}; shards hold {sorted(FORMAT_EXT)} only")
+    if verify != "header":
+        _verify(data, verify, policy)
+    return Probe(width=info.width, height=info.height, raw_width=info.raw_width, raw_height=info.raw_height,
+                 ext=ext, orientation=info.orientation)
 
 
-def _verify(img: Image.Image, data: bytes, mode: str, min_side: int, max_pixels: int) -> None:
+def _verify(data: bytes, mode: str, policy: ReadPolicy) -> None:
     try:
         if mode == "full":
-            from pipeline.images import decode  # the project's defensive decoder, as the stages use it
-
-            decode(data, max_pixels=max_pixels, min_side=min_side)
+            decode_image(data, policy)
             return
-        if img.format == "JPEG":
-            img.draft(img.mode, (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
-        img.load()
-    except ReadError:
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+            img.load()
+    except ImageDecodeError as e:
+        raise ReadError(str(e)) from e
     except Exception as e:
         raise ReadError(f"cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -143,8 +128,8 @@ class Source(ABC):
     def materialize(record: Record, ann: Any) -> None:
         """Turn the raw annotations of one image into record segments/boxes (in the worker)."""
 
-    def rows(self, *, min_side: int = 8, max_pixels: int = 178_956_970, verify: str = "draft",
-             max_bytes: int = 1 << 28, follow_symlinks_outside: bool = False) -> Iterator[dict[str, Any]]:
+    def rows(self, *, min_side: int = DEFAULT_POLICY.min_side, max_pixels: int = DEFAULT_POLICY.max_pixels,
+             verify: str = "draft", max_bytes: int = DEFAULT_POLICY.max_bytes, follow_symlinks_outside: bool = False) -> Iterator[dict[str, Any]]:
         """Plan and read locally: rows ``{key, image, record}`` (for tests and small jobs)."""
         for item in self.plan():
             yield read_item(item, min_side=min_side, max_pixels=max_pixels, verify=verify, max_bytes=max_bytes,

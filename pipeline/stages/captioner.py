@@ -60,7 +60,7 @@ class Captioner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
-        pending = decode_pending(batch, records, STAGE, max_pixels=self.config.max_pixels)
+        pending = decode_pending(batch, records, STAGE, policy=self.config.read)
         items = [(i, image, name) for i, image in pending for name in self.prompts]
         for group in chunks(items, self.config.generate_batch_size):
             self._caption_group(group, records)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.images import MAX_PIXELS, decode
 from pipeline.models import ModelNotFoundError, load_pretrained
 from pipeline.record import Record
+from shards.image import DEFAULT_POLICY, ReadPolicy, decode_image
 
 from .config import ModelStageConfig
 
@@ -20,17 +20,20 @@ log = logging.getLogger(__name__)
 
 
 def decode_pending(batch: dict[str, np.ndarray], records: Sequence[Record], stage: str,
-                   want: Any = None, max_pixels: int = MAX_PIXELS) -> Iterator[tuple[int, Image.Image]]:
+                   want: Any = None, policy: ReadPolicy = DEFAULT_POLICY) -> Iterator[tuple[int, Image.Image]]:
     """Yield ``(row, image)`` for rows without a failure (and, with ``want``, for which ``want(record)``).
 
-    An image that does not decode fails its record at ``stage``; the size of the decoded image is
-    written into the record when the source did not know it.
+    Images are decoded by the one decoder (:func:`shards.image.decode_image`) under the job's read
+    policy (the stage config's ``read``, which the job sets from ``read.*``), so a stage accepts every
+    image the read step accepted and sees the pixels the trainer will. An image that does not decode
+    fails its record at ``stage``; the size of the decoded image is written into the record when the
+    source did not know it.
     """
     for i, record in enumerate(records):
         if record.failure is not None or (want is not None and not want(record)):
             continue
         try:
-            image = decode(batch["image"][i], max_pixels=max_pixels)
+            image = decode_image(batch["image"][i], policy)
         except Exception as e:  # one bad image never stops the batch
             record.fail(stage, e)
             continue

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.images import size_of
 from pipeline.record import Box, Record, records_of, with_records
+from shards.image import size_of
 
 from .common import chunks, decode_pending, load_model
 from .config import GrounderConfig
@@ -67,7 +67,7 @@ class Grounder:
         prompts: list[Prompt] = []
         pending: list[int] = []
         decoded = decode_pending(batch, records, STAGE, want=lambda r: bool(r.phrases),
-                                 max_pixels=self.config.max_pixels)
+                                 policy=self.config.read)
         for i, image in decoded:
             pending.append(i)
             prompts += [Prompt(i, image, text, ids) for text, ids in self.pack(records[i])]

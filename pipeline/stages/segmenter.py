@@ -55,7 +55,7 @@ class Segmenter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
         todo = list(decode_pending(batch, records, STAGE, want=lambda r: bool(r.boxes),
-                                   max_pixels=self.config.max_pixels))
+                                   policy=self.config.read))
         for group in chunks(todo, self.config.image_batch_size):
             self._segment_group(group, records)
         for r in records:
