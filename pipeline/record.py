@@ -7,7 +7,7 @@ Ray Data batches are ``dict[str, np.ndarray]`` (``batch_format="numpy"``) with t
 - ``record``: a JSON string of :class:`Record`: everything known about the image so far.
 
 Pixels are decoded once per stage actor batch from ``image`` only by stages that need them (see
-``shards.image.decode_image``); masks are COCO RLE from the segmenter on. A stage never raises for
+``pipeline.images.decode``); masks are COCO RLE from the segmenter on. A stage never raises for
 one bad image: it sets ``record.failure`` and later stages pass that record through untouched, so
 that the writer records it as a failure with its stage and reason.
 """
@@ -61,6 +61,8 @@ class Record:
     boxes: list[Box] = field(default_factory=list)
     segments: list[dict[str, Any]] = field(default_factory=list)  # shards Segment dicts (rle, bbox, area, texts, score)
     failure: Failure | None = None
+    #: MLLM answers that reached their token budget without an end-of-sequence token (kept, but cut).
+    captions_cut: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

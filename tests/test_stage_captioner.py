@@ -49,8 +49,38 @@ def test_only_new_tokens_are_decoded(captioner, monkeypatch):
         return torch.cat([input_ids, answer.expand(len(input_ids), -1)], dim=1)
 
     monkeypatch.setattr(captioner.model, "generate", fake_generate)
-    texts = captioner.generate([Image.new("RGB", (40, 30))] * 2, [captioner.prompts["scene"], captioner.prompts["parts"]])
-    assert texts == ["a dog", "a dog"]
+    texts, finished = captioner.generate([Image.new("RGB", (40, 30))] * 2,
+                                         [captioner.prompts["scene"], captioner.prompts["parts"]], 6)
+    assert texts == ["a dog", "a dog"] and finished == [False, False]
+
+
+def test_budget_per_prompt_and_answers_cut_without_eos_are_counted(monkeypatch):
+    """Each prompt generates with its own budget; an answer that ends without EOS is kept and counted."""
+    captioner = Captioner(CaptionerConfig(model=str(tiny_model_dirs().llava), prompts=PROMPTS,
+                                          max_new_tokens={"scene": 3, "parts": 7}))
+    tok = captioner.processor.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    budgets = []
+
+    def fake_generate(input_ids, max_new_tokens, **kwargs):
+        budgets.append(max_new_tokens)
+        n = len(input_ids)
+        words = tok("ab cd ef gh", add_special_tokens=False, return_tensors="pt")["input_ids"][0][:max_new_tokens]
+        new = words.repeat(n, 1)
+        if max_new_tokens == 7:  # the parts answer of the first image ends with EOS (then padding)
+            new[0, 3:] = torch.tensor([eos] + [pad] * 3)
+        return torch.cat([input_ids, new], dim=1)
+
+    monkeypatch.setattr(captioner.model, "generate", fake_generate)
+    records = [Record(source="s", image_id=str(i)) for i in range(2)]
+    out = records_of(captioner(make_batch(records, [image_bytes(40, 30), image_bytes(30, 40)])))
+    assert sorted(budgets) == [3, 7]
+    assert [[c["text"] for c in r.captions] for r in out] == [["ab", "ab"], ["ab", "ab cd e"]]
+    assert [c["source"] for c in out[0].captions] == ["llava:scene", "llava:parts"]
+    assert [r.captions_cut for r in out] == [1, 2]  # scene cut for both, parts cut for the second only
+    assert CaptionerConfig().budget("objects") == 384 and CaptionerConfig(max_new_tokens=50).budget("parts") == 50
+    with pytest.raises(ValueError, match="prompts that do not exist"):
+        CaptionerConfig(max_new_tokens={"nope": 10})
 
 
 def test_call_appends_one_caption_per_prompt_and_fails_bad_images(captioner):
@@ -85,10 +115,10 @@ def test_call_appends_one_caption_per_prompt_and_fails_bad_images(captioner):
 
 
 def test_a_failing_image_fails_alone(captioner, monkeypatch):
-    def flaky(images, prompts):
+    def flaky(images, prompts, max_new_tokens):
         if any(im.size == (20, 64) for im in images):
             raise RuntimeError("CUDA out of memory")
-        return [f"caption {len(p)}" for p in prompts]
+        return [f"caption {len(p)}" for p in prompts], [True] * len(prompts)
 
     monkeypatch.setattr(captioner, "generate", flaky)
     records = [Record(source="s", image_id=str(i)) for i in range(3)]
@@ -110,3 +140,41 @@ def test_image_token_mismatch_fails_at_load(tmp_path):
 def test_missing_model_names_the_download_command(tmp_path):
     with pytest.raises(ModelNotFoundError, match="python -m pipeline models download"):
         Captioner(CaptionerConfig(model=str(tmp_path / "no-such-llava")))
+
+
+def _stripe_image() -> Image.Image:
+    """A wide grey image with a red stripe at its left border and a blue one at its right."""
+    image = Image.new("RGB", (96, 40), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 8, 40))
+    image.paste((0, 0, 255), (88, 0, 96, 40))
+    return image
+
+
+def _pixels_seen(captioner: Captioner, monkeypatch) -> torch.Tensor:
+    """The pixel values that reach the model for the stripe image, in [0, 1] RGB (normalisation undone)."""
+    seen = []
+
+    def fake_generate(input_ids, pixel_values, **kwargs):
+        seen.append(pixel_values)
+        return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+    monkeypatch.setattr(captioner.model, "generate", fake_generate)
+    captioner.generate([_stripe_image()], [captioner.prompts["scene"]], 1)
+    proc = captioner.processor.image_processor
+    mean, std = torch.tensor(proc.image_mean)[:, None, None], torch.tensor(proc.image_std)[:, None, None]
+    return seen[0][0].float() * std + mean
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_padding_to_a_square_keeps_the_image_borders(monkeypatch, pad):
+    captioner = Captioner(CaptionerConfig(model=str(tiny_model_dirs().llava), prompts=PROMPTS, pad_to_square=pad))
+    pixels = _pixels_seen(captioner, monkeypatch)  # [3, 32, 32]
+    mid = pixels[:, 16]
+    red = (mid[0] > 0.8) & (mid[1] < 0.2) & (mid[2] < 0.2)
+    blue = (mid[2] > 0.8) & (mid[0] < 0.2) & (mid[1] < 0.2)
+    if pad:  # 96x40 on a 96x96 square: both stripes reach the model, the pad has the processor's mean colour
+        assert red[:2].all() and blue[-2:].all()
+        assert pixels[:, 0, 16].tolist() == pytest.approx(captioner.processor.image_processor.image_mean, abs=0.01)
+        assert captioner.pad_color == (123, 117, 104)
+    else:  # the real llava-1.5 processor's shortest-edge resize + centre crop cuts both borders off
+        assert not red.any() and not blue.any()

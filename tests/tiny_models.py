@@ -63,7 +63,12 @@ def build_tiny_llava(directory: str | Path) -> Path:
                                         eos_token="</s>", pad_token="<pad>")
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     assert tokenizer.convert_tokens_to_ids("<image>") == LLAVA_IMAGE_TOKEN_ID
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # As llava-hf/llava-1.5-7b-hf's CLIPImageProcessor (at 32 px instead of 336): shortest-edge resize,
+    # centre crop, OpenAI CLIP mean/std; the crop is what the captioner's pad-to-square must defeat.
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                         do_resize=True, do_center_crop=True, resample=3, do_normalize=True,
+                                         image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                         image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=LLAVA_CHAT_TEMPLATE)

@@ -10,11 +10,11 @@ machines (see ``../shared/TINY_MODELS.md``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from shards.image import DEFAULT_POLICY, ReadPolicy
+from pipeline.images import MAX_PIXELS
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -38,9 +38,8 @@ class ModelStageConfig(StageConfig):
     models_dir: str | None = Field(None, description="where `python -m pipeline models download` put weights")
     device: str | None = Field(None, description="torch device; None: cuda if available, else cpu")
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
-    read: ReadPolicy = Field(DEFAULT_POLICY, exclude=True, description="the job's read policy (set by the job from "
-                             "read.*, not a stage setting): decoding follows it, so no stage refuses an image the "
-                             "read step accepted")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="decompression-bomb limit when decoding; the job "
+                            "sets it to read.max_pixels so no stage refuses an image the read step accepted")
 
 
 #: Multi-granular prompts (the paper does not publish its own): the whole scene, objects with their
@@ -52,14 +51,31 @@ DEFAULT_PROMPTS: dict[str, str] = {
              "car or the head of a person.",
 }
 
+#: Answer budgets: a scene is one or two sentences; object and part lists run to a dozen items of
+#: ~25 tokens each, and a 64-token budget cut them after about three.
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"scene": 128, "objects": 384, "parts": 384}
+FALLBACK_MAX_NEW_TOKENS = 256
+
 
 class CaptionerConfig(ModelStageConfig):
     """LLaVA-1.5 multi-granular captioning (greedy decoding: captions must be reproducible)."""
 
     model: str = "llava-hf/llava-1.5-7b-hf"
     prompts: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PROMPTS))
-    max_new_tokens: int = Field(64, ge=1, le=1024)
+    max_new_tokens: dict[str, Annotated[int, Field(ge=1, le=2048)]] = Field(
+        default_factory=dict,
+        description=f"answer budget per prompt name; a prompt not named here gets {DEFAULT_MAX_NEW_TOKENS} "
+                    f"or else {FALLBACK_MAX_NEW_TOKENS}; one number sets every prompt's budget")
     generate_batch_size: int = Field(16, ge=1, description="(image, prompt) sequences per generate call")
+    pad_to_square: bool = Field(True, description="pad to a square of the image-processor mean colour before the "
+                                "processor, as LLaVA-1.5 was trained; false: the processor's centre crop cuts the sides")
+
+    @field_validator("max_new_tokens", mode="before")
+    @classmethod
+    def _one_budget_for_all(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {name: value for name in info.data.get("prompts", DEFAULT_PROMPTS)}
+        return value
 
     @model_validator(mode="after")
     def _check_prompts(self) -> CaptionerConfig:
@@ -68,7 +84,15 @@ class CaptionerConfig(ModelStageConfig):
         for name, prompt in self.prompts.items():
             if not name or ":" in name or not prompt.strip():
                 raise ValueError(f"captioner prompt {name!r} needs a name without ':' and a non-empty text")
+        unknown = sorted(set(self.max_new_tokens) - set(self.prompts))
+        if unknown:
+            raise ValueError(f"captioner.max_new_tokens names prompts that do not exist: {unknown} "
+                             f"(prompts: {sorted(self.prompts)})")
         return self
+
+    def budget(self, prompt: str) -> int:
+        """New tokens the answer to ``prompt`` may take before it is cut."""
+        return self.max_new_tokens.get(prompt, DEFAULT_MAX_NEW_TOKENS.get(prompt, FALLBACK_MAX_NEW_TOKENS))
 
 
 #: Head nouns that describe the picture itself or a direction, not a thing one can segment.
