@@ -7,7 +7,7 @@ Ray Data batches are ``dict[str, np.ndarray]`` (``batch_format="numpy"``) with t
 - ``record``: a JSON string of :class:`Record`: everything known about the image so far.
 
 Pixels are decoded once per stage actor batch from ``image`` only by stages that need them (see
-``pipeline.images.decode``); masks are COCO RLE from the segmenter on. A stage never raises for
+``shards.image.decode_image``); masks are COCO RLE from the segmenter on. A stage never raises for
 one bad image: it sets ``record.failure`` and later stages pass that record through untouched, so
 that the writer records it as a failure with its stage and reason.
 """

@@ -75,7 +75,7 @@ class Captioner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
-        pending = decode_pending(batch, records, STAGE, max_pixels=self.config.max_pixels)
+        pending = decode_pending(batch, records, STAGE, policy=self.config.read)
         pending = list(pending)
         for name in self.prompts:  # one generate call holds one prompt, so one answer budget
             items = [(i, image, name) for i, image in pending if records[i].failure is None]

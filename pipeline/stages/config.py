@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.images import MAX_PIXELS
+from shards.image import DEFAULT_POLICY, ReadPolicy
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -38,8 +38,9 @@ class ModelStageConfig(StageConfig):
     models_dir: str | None = Field(None, description="where `python -m pipeline models download` put weights")
     device: str | None = Field(None, description="torch device; None: cuda if available, else cpu")
     dtype: Dtype = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
-    max_pixels: int = Field(MAX_PIXELS, ge=1, description="decompression-bomb limit when decoding; the job "
-                            "sets it to read.max_pixels so no stage refuses an image the read step accepted")
+    read: ReadPolicy = Field(DEFAULT_POLICY, exclude=True, description="the job's read policy (set by the job from "
+                             "read.*, not a stage setting): decoding follows it, so no stage refuses an image the "
+                             "read step accepted")
 
 
 #: Multi-granular prompts (the paper does not publish its own): the whole scene, objects with their
