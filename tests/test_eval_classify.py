@@ -85,3 +85,17 @@ def test_template_sets():
     assert resolve_templates("identity") == ("{}",)
     with pytest.raises(ValueError, match="'{}'"):
         resolve_templates(["no placeholder"])
+
+
+def test_hash_collisions_fall_back_to_exact_grouping(monkeypatch):
+    import evaluation.aggregate as agg
+
+    rng = np.random.default_rng(3)
+    masks = rng.random((130, 6, 7)) < 0.5
+    probs = rng.dirichlet(np.ones(4), size=130).astype(np.float32)
+    monkeypatch.setattr(agg, "_mix64", lambda x: np.zeros_like(x))  # every multi-word key collides
+    sets, index = coverage_sets(masks)
+    assert np.array_equal(sets[index].T.reshape(masks.shape), masks)
+    assert len({tuple(r) for r in sets}) == len(sets)
+    masks[0] = True
+    assert np.array_equal(aggregate(masks, probs), naive_vote(masks, probs))
