@@ -60,6 +60,8 @@ class SourceConfig(_Strict):
     extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp"],
                                   description="folder source: file suffixes picked up (case-insensitive)")
     limit: int = Field(0, ge=0, description="stop after this many images (0 = all); for smoke runs")
+    keep_crowd: bool = Field(False, description="coco: keep iscrowd annotations (one mask over a group); skipped "
+                                                "by default, as detection and segmentation training do")
 
     @property
     def dataset(self) -> str:

@@ -39,7 +39,8 @@ def test_coco_masks_equal_ann_to_mask_for_polygons_rle_and_crowd(tmp_path):
     ]
     inst["categories"].append({"id": 2, "name": "blob"})
     paths["annotations"].write_text(json.dumps(inst))
-    rows = _rows(CocoSource("coco", str(paths["images"]), str(paths["annotations"]), str(paths["captions"])))
+    rows = _rows(CocoSource("coco", str(paths["images"]), str(paths["annotations"]), str(paths["captions"]),
+                            keep_crowd=True))
     coco = COCO(str(paths["annotations"]))
     _, rec = rows[make_key("coco", 1)]
     assert rec.failure is None and (rec.width, rec.height) == (40, 30)
@@ -322,3 +323,26 @@ def test_planning_a_large_annotation_file_takes_bounded_memory(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["n"] == 10
     assert got["rss_mb"] < 1.5 * size_mb + 64, (got, size_mb)
+
+
+def test_coco_crowd_regions_are_skipped_unless_kept(shared_data):
+    """The shared COCO val subset has two iscrowd annotations (images 34417 and 553664)."""
+    from pycocotools.coco import COCO
+
+    from pipeline.config import SourceConfig
+    from pipeline.sources import make_source
+
+    root = shared_data / "coco2017_val_subset"
+    ann = root / "annotations" / "instances_val2017.json"
+    coco = COCO(str(ann))
+    counts = {}
+    for keep in (False, True):
+        source = make_source(SourceConfig(kind="coco", images=str(root / "val2017"), annotations=str(ann),
+                                          keep_crowd=keep))
+        counts[keep] = {it["key"]: len(json.loads(it["ann"])["objects"]) for it in source.plan()}
+    for image_id in (34417, 553664):
+        key = make_key("coco", image_id)
+        all_anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        crowd = sum(a["iscrowd"] for a in all_anns)
+        assert crowd == 1 and counts[True][key] == len(all_anns) and counts[False][key] == len(all_anns) - crowd
+    assert sum(counts[True].values()) - sum(counts[False].values()) == 2

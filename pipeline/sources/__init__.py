@@ -22,7 +22,7 @@ def make_source(cfg: Any) -> Source:
         raise SourceError(f"unknown source kind {cfg.kind!r}; known: {sorted(SOURCES)}")
     return SOURCES[cfg.kind](name=cfg.name or cfg.kind, images=cfg.images, annotations=cfg.annotations,
                              captions=cfg.captions, regions=cfg.regions, extensions=cfg.extensions,
-                             limit=cfg.limit)
+                             limit=cfg.limit, keep_crowd=cfg.keep_crowd)
 
 
 __all__ = ["SOURCES", "CocoSource", "FolderSource", "ReadError", "Source", "SourceError", "VgSource",

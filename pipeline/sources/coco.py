@@ -2,7 +2,9 @@
 
 Each instance annotation becomes a segment whose text is its category name (text source = the
 dataset name, ``coco``), with the mask from any COCO segmentation (polygons, uncompressed RLE of
-crowd regions, compressed RLE) converted exactly as pycocotools' ``annToMask`` does. Captions become
+crowd regions, compressed RLE) converted exactly as pycocotools' ``annToMask`` does. Crowd regions
+(``iscrowd: 1``, one mask over many instances) are skipped unless ``keep_crowd``, as detection and
+segmentation training skip them: "person" on a crowd of people would teach one text for a group. Captions become
 ``record.captions`` for the phrase stage. Annotations and captions whose ``image_id`` is not in the
 images list become one ``source`` failure per unknown image id; they are not dropped silently.
 
@@ -90,12 +92,13 @@ class CocoSource(Source):
     kind = "coco"
 
     def __init__(self, name: str, images: str = "", annotations: str = "", captions: str = "",
-                 limit: int = 0, **_: Any):
+                 limit: int = 0, keep_crowd: bool = False, **_: Any):
         super().__init__(name, images)
         if not annotations and not captions:
             raise SourceError("a COCO source needs source.annotations (instances JSON) or source.captions")
         self.require_images_dir()
         self.annotations, self.captions, self.limit = annotations, captions, limit
+        self.keep_crowd = keep_crowd
 
     def plan(self) -> Iterator[dict[str, str]]:
         images: dict[str, tuple[str, int, int]] = {}
@@ -109,6 +112,8 @@ class CocoSource(Source):
             for i, a in elements(path, "annotations", CocoAnnotation, "CocoInstances"):
                 if a.category_id not in cats:
                     raise SourceError(f"{path}: annotations[{i}].category_id {a.category_id} is not in categories")
+                if a.iscrowd and not self.keep_crowd:
+                    continue
                 image_id = str(a.image_id)
                 seg = a.segmentation if isinstance(a.segmentation, list) else a.segmentation.model_dump()
                 im = images.get(image_id)
