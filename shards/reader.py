@@ -83,6 +83,8 @@ def decode_sample(raw: dict[str, Any]) -> ShardSample:
         raise SchemaError(f"{url}: sample {key!r}: .json is not valid JSON ({e})") from e
     except SchemaError as e:
         raise SchemaError(f"{url}: sample {key!r}: {e}") from e
+    if meta.key != key:  # the member name is untrusted: tools name files after the JSON's checked key
+        raise SchemaError(f"{url}: sample {key!r}: member key differs from the JSON's key {meta.key!r}")
     images = [ext for ext in members if ext.lower() in IMAGE_EXTENSIONS]
     if len(images) != 1:
         raise SchemaError(f"{url}: sample {key!r} must have exactly one image member, has {images}")

@@ -4,6 +4,13 @@ The format is documented for humans in ``shards/SCHEMA.md``; this module is its 
 Dataclasses rather than pydantic keep the hot path (millions of segments) cheap: ``from_dict``
 validates by hand with messages that name the offending field, and nothing here ever evaluates or
 unpickles anything.
+
+Shards come from other people, so ``from_dict`` treats the JSON as untrusted: every string must
+encode as UTF-8 (JSON can carry lone surrogates that crash a tokenizer later), keys are at most
+``MAX_KEY_CHARS`` long (they become file names), every RLE's counts must cover exactly the image
+(a short RLE crashes ``inspect`` and makes pycocotools read uninitialised memory), and
+:class:`SampleLimits` caps the claimed image size, the segments per sample and each RLE string
+before any of them is parsed.
 """
 
 from __future__ import annotations
@@ -13,12 +20,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .rle import rle_counts
+
 SCHEMA_VERSION = 1
 
 #: Image extensions a sample may carry (the original bytes, never re-encoded).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: Every member extension a shard may hold. Anything else (``.pickle``, ``.pyd``, ``.pth``...) is rejected.
 ALLOWED_EXTENSIONS = (*IMAGE_EXTENSIONS, "json", "txt", "npy")
+
+#: Longest key accepted: keys become member and file names (most file systems allow 255 bytes).
+MAX_KEY_CHARS = 128
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
@@ -43,7 +55,21 @@ def make_key(source: str, image_id: str | int) -> str:
 
 
 def is_valid_key(key: str) -> bool:
-    return bool(_KEY_RE.match(key))
+    """``[A-Za-z0-9_-]+`` and at most :data:`MAX_KEY_CHARS` long."""
+    return len(key) <= MAX_KEY_CHARS and bool(_KEY_RE.match(key))
+
+
+@dataclass(frozen=True)
+class SampleLimits:
+    """Caps on what one sample's JSON may claim, checked before the claim is acted on (a 10 KB JSON
+    claiming 40000x40000 pixels or a million segments would otherwise cost gigabytes or minutes)."""
+
+    max_pixels: int = 16384 * 16384  #: width x height (the decoder's default decompression-bomb limit)
+    max_segments: int = 10_000  #: segments per sample (SAM's automatic masks give a few hundred)
+    max_counts_chars: int = 1 << 22  #: characters of one RLE ``counts`` string
+
+
+DEFAULT_LIMITS = SampleLimits()
 
 
 @dataclass
@@ -94,7 +120,7 @@ class SampleMeta:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Any) -> SampleMeta:
+    def from_dict(cls, d: Any, limits: SampleLimits = DEFAULT_LIMITS) -> SampleMeta:
         """Parse and validate a decoded JSON object; raises :class:`SchemaError` naming the field."""
         _expect(isinstance(d, dict), "sample JSON must be an object")
         version = d.get("schema_version")
@@ -102,22 +128,32 @@ class SampleMeta:
         for name, typ in (("key", str), ("image_id", str), ("source", str), ("width", int), ("height", int)):
             _expect(name in d, f"missing field {name!r}")
             _expect(isinstance(d[name], typ) and not isinstance(d[name], bool), f"{name!r} must be {typ.__name__}")
+            if typ is str:
+                _utf8(d[name], name)
+        _expect(len(d["key"]) <= MAX_KEY_CHARS, f"key is {len(d['key'])} characters, more than {MAX_KEY_CHARS}")
         _expect(is_valid_key(d["key"]), f"key {d['key']!r} must match [A-Za-z0-9_-]+ (no dots)")
         _expect(d["width"] > 0 and d["height"] > 0, "width and height must be positive")
+        pixels = d["width"] * d["height"]
+        _expect(pixels <= limits.max_pixels, f"width x height = {d['width']}x{d['height']} = {pixels} pixels, "
+                                             f"more than the limit of {limits.max_pixels}")
         image_ext = d.get("image_ext", "jpg")
         _expect(image_ext in IMAGE_EXTENSIONS, f"image_ext {image_ext!r} not one of {IMAGE_EXTENSIONS}")
         captions = []
         for i, c in enumerate(_list(d, "captions")):
             _expect(isinstance(c, dict), f"captions[{i}] must be an object")
             captions.append(Caption(text=_str(c, "text", f"captions[{i}]"), source=_str(c, "source", f"captions[{i}]")))
-        segments = [_segment(s, i, d["height"], d["width"]) for i, s in enumerate(_list(d, "segments"))]
+        raw_segments = _list(d, "segments")
+        _expect(len(raw_segments) <= limits.max_segments,
+                f"{len(raw_segments)} segments, more than the limit of {limits.max_segments}")
+        segments = [_segment(s, i, d["height"], d["width"], limits) for i, s in enumerate(raw_segments)]
         return cls(
             key=d["key"], image_id=d["image_id"], source=d["source"], width=d["width"], height=d["height"],
-            image_ext=image_ext, file_name=str(d.get("file_name", "")), captions=captions, segments=segments,
+            image_ext=image_ext, file_name=_utf8(str(d.get("file_name", "")), "file_name"), captions=captions,
+            segments=segments,
         )
 
 
-def _segment(s: Any, i: int, h: int, w: int) -> Segment:
+def _segment(s: Any, i: int, h: int, w: int, limits: SampleLimits) -> Segment:
     where = f"segments[{i}]"
     _expect(isinstance(s, dict), f"{where} must be an object")
     for name in ("id", "rle", "bbox", "area", "texts"):
@@ -129,6 +165,14 @@ def _segment(s: Any, i: int, h: int, w: int) -> Segment:
     size = rle["size"]
     _expect(isinstance(size, list) and len(size) == 2, f"{where}.rle.size must be [h, w]")
     _expect(list(size) == [h, w], f"{where}.rle.size {size} differs from the image size [{h}, {w}]")
+    counts = rle["counts"]
+    _expect(len(counts) <= limits.max_counts_chars,
+            f"{where}.rle.counts is {len(counts)} characters, more than the limit of {limits.max_counts_chars}")
+    try:
+        covered = int(rle_counts(counts).sum())
+    except ValueError as e:
+        raise SchemaError(f"{where}.rle.counts is malformed: {e}") from None
+    _expect(covered == h * w, f"{where}.rle.counts cover {covered} pixels, the image has {h * w} ({h}x{w})")
     bbox = s["bbox"]
     _expect(isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox),
             f"{where}.bbox must be [x, y, w, h]")
@@ -162,4 +206,13 @@ def _list(d: dict, name: str, where: str = "") -> list:
 
 def _str(d: dict, name: str, where: str) -> str:
     _expect(isinstance(d.get(name), str), f"{where}.{name} must be a string")
-    return d[name]
+    return _utf8(d[name], f"{where}.{name}")
+
+
+def _utf8(value: str, where: str) -> str:
+    """``value`` unchanged if it encodes as UTF-8 (JSON's ``\\ud800`` escapes make lone surrogates that do not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SchemaError(f"{where} is not valid Unicode text ({e.reason} at character {e.start})") from None
+    return value

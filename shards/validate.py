@@ -26,7 +26,6 @@ from tqdm import tqdm
 from . import rle
 from .image import SHARD_POLICY, ImageDecodeError
 from .image import probe as probe_image
-from .rle import rle_counts
 from .schema import ALLOWED_EXTENSIONS, IMAGE_EXTENSIONS, SampleMeta, SchemaError, is_valid_key
 from .writer import file_sha256, list_shards, stats_path
 
@@ -78,13 +77,23 @@ def iter_problems(directory: str | Path, progress: bool = False) -> Iterator[Pro
             yield Problem(tar.name, NO_KEY, "name does not follow PREFIX-NNNNNN.tar, so readers skip this shard")
     for tmp in sorted(directory.glob(".*.tmp")):
         log.warning("%s is left over from an interrupted job; shards.recover() removes or commits it", tmp.name)
+    samples = 0
     for tar in tqdm(tars, unit="shard", desc="validate", disable=not progress or not tars):
-        yield from check_shard(tar)
+        problems, keys = _check_shard(tar)
+        samples += len(keys)
+        yield from problems
+    if tars and samples == 0:  # e.g. a job whose every input failed: its shards hold failure records only
+        yield Problem(directory.name or str(directory), NO_KEY,
+                      f"no samples in {len(tars)} shard(s): there is nothing to train on")
 
 
 def check_shard(path: str | Path) -> list[Problem]:
     """All problems of one shard tar (and of its stats file when there is one)."""
-    path = Path(path)
+    return _check_shard(Path(path))[0]
+
+
+def _check_shard(path: Path) -> tuple[list[Problem], list[str]]:
+    """The problems of one shard, and the keys of the samples it holds."""
     problems: list[Problem] = []
 
     def report(key: str, message: str) -> None:
@@ -99,7 +108,7 @@ def check_shard(path: str | Path) -> list[Problem]:
             counts[key] = (len(meta.segments), sum(len(s.texts) for s in meta.segments))
     if stats_path(path).exists():
         _check_stats(path, keys, counts, report)
-    return problems
+    return problems, keys
 
 
 # -- the tar and its members ----------------------------------------------------------------------
@@ -241,28 +250,16 @@ def _check_image(data: bytes, meta: SampleMeta, report) -> None:
 
 
 def _check_segments(meta: SampleMeta, report) -> None:
-    """RLEs decode to the image size; area and bbox agree with the masks (one pycocotools call each)."""
+    """Area and bbox agree with the masks (one pycocotools call each; ``SampleMeta.from_dict`` already
+    parsed every RLE strictly and checked that it covers the image)."""
     ids = [s.id for s in meta.segments]
     if len(set(ids)) != len(ids):
         report(f"segment ids are not unique: {ids}")
-    hw = meta.height * meta.width
-    good = []
-    for i, s in enumerate(meta.segments):
-        try:
-            total = int(rle_counts(s.rle["counts"]).sum())
-        except ValueError as e:
-            report(f"segments[{i}] (id {s.id}): RLE does not decode: {e}")
-            continue
-        if total != hw:
-            report(f"segments[{i}] (id {s.id}): RLE covers {total} pixels, the image has {hw} "
-                   f"({meta.height}x{meta.width})")
-            continue
-        good.append((i, s))
-    if not good:
+    if not meta.segments:
         return
-    rles = [s.rle for _, s in good]
+    rles = [s.rle for s in meta.segments]
     areas, boxes = rle.area(rles), rle.bbox(rles)
-    for (i, s), a, box in zip(good, areas, boxes, strict=True):
+    for i, (s, a, box) in enumerate(zip(meta.segments, areas, boxes, strict=True)):
         where = f"segments[{i}] (id {s.id})"
         if a == 0:
             report(f"{where}: mask is empty")

@@ -14,7 +14,8 @@ import pytest
 from shards_util import make_sample, sample_members, write_dataset, write_tar
 
 from shards import cli, rle
-from shards.validate import rle_counts, validate
+from shards.rle import rle_counts
+from shards.validate import validate
 from shards.writer import stats_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,8 +134,8 @@ BAD_CASES = [
      "segments[1].rle.size [31, 40] differs from the image size [30, 40]"),
     ("image-size", _other_size_image, "test_0", "image is 33x30 (WxH) but the JSON says 40x30"),
     ("rle-garbage", _json_case(_set("segments/0/rle/counts", "0000")), "test_0",
-     "segments[0] (id 0): RLE covers 0 pixels, the image has 1200"),
-    ("rle-truncated", _json_case(_set("segments/0/rle/counts", "a")), "test_0", "RLE does not decode: counts ends in the middle"),
+     "segments[0].rle.counts cover 0 pixels, the image has 1200 (30x40)"),
+    ("rle-truncated", _json_case(_set("segments/0/rle/counts", "a")), "test_0", "segments[0].rle.counts is malformed: counts ends in the middle"),
     ("empty-text", _json_case(_set("segments/2/texts/0/text", "  ")), "test_0", "segments[2].texts[0].text is empty"),
     ("no-texts", _json_case(_set("segments/0/texts", [])), "test_0", "segments[0] has no texts"),
     ("bbox", _json_case(_set("segments/0/bbox", [0.0, 0.0, 5.0, 5.0])), "test_0",
