@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-try:  # the one decoder (shards.image, EXIF orientation, read policy)
-    from shards.image import decode_image
-except ImportError:  # older checkouts: the shard reader's decoder (EXIF orientation, RGB)
-    from shards.reader import load_image as decode_image
+from shards.image import decode_image
 
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """The image file as 8-bit RGB with its EXIF orientation applied."""
+    """The image file as 8-bit RGB through the project's one decoder (``shards.image``: EXIF orientation,
+    read policy), so evaluation sees the pixels curation and training saw. Raises ``ValueError``
+    (``ImageDecodeError``) or ``OSError`` naming the problem."""
     return decode_image(Path(path).read_bytes())
 
 
