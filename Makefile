@@ -28,7 +28,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help setup test test-fast lint demo synth curate train eval-ade20k eval bench clean
+.PHONY: help setup test test-fast lint demo synth curate train eval-ade20k eval bench bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -89,8 +89,12 @@ eval: setup ## any benchmark: make eval DATASET=pc-59 ROOT=datasets/VOCdevkit/VO
 	$(PY) -m evaluation semseg --dataset $(DATASET) --root $(ROOT) --checkpoint $(CKPT) \
 		--output $(EVAL_OUT)/$(DATASET) --config $(EVAL_CONFIG) $(ARGS)
 
-bench: setup ## benchmarks; figures go to BENCHMARKS.md
-	$(PY) -m benchmarks.run --out BENCHMARKS.md
+bench: setup ## CPU benchmarks (< 10 min); figures go to BENCHMARKS.md and outputs/bench/bench.json
+	$(PY) -m benchmarks.run --out BENCHMARKS.md --json $(OUT)/bench/bench.json
+
+bench-gpu: setup ## GPU suite at full model size (one GPU, < 8 min); JSON in outputs/bench/gpu, section in BENCHMARKS.md
+	$(PY) -m benchmarks.gpu --out $(OUT)/bench/gpu --markdown BENCHMARKS.md
+	mkdir -p benchmarks/results && cp $(OUT)/bench/gpu/gpu.json benchmarks/results/gpu.json  # make bench keeps the section
 
 clean: ## remove outputs (keeps .venv)
 	rm -rf $(OUT) .pytest_cache
