@@ -5,7 +5,11 @@ objects and that the texts describe them. Images are rescaled so that the shorte
 ``MIN_SIDE`` (tiny synthetic or thumbnail images stay legible) and the longer at most ``MAX_SIDE``;
 fonts scale with the image. Every segment gets a distinct colour, a translucent fill, an outline
 and a label with its id and first text on a dark box; a legend below lists every segment with all
-of its texts, their sources and scores, and the image's captions.
+of its texts, their sources and scores, and the image's captions (line breaks kept).
+
+Labels sit beside their segments, never on a small mask or on any segment's anchor point, and never
+on each other: in a crowded image they move out along rings around the anchor and a leader line in
+the segment's colour joins each moved label to its mask (:func:`layout_labels`).
 """
 
 from __future__ import annotations
@@ -13,17 +17,20 @@ from __future__ import annotations
 import colorsys
 import functools
 import logging
+import math
 import textwrap
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 from tqdm import tqdm
 
 from . import rle
 from .reader import ShardSample, iter_samples
-from .schema import Segment
+from .schema import Segment, is_valid_key
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +123,17 @@ def _scaled_mask(seg: Segment, size: tuple[int, int]) -> np.ndarray:
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
-    """The inner band of a mask, ``width`` pixels wide."""
-    eroded = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(2 * width + 1))
-    return mask & (np.asarray(eroded) < 128)
+    """The inner band of a mask, ``width`` pixels wide (scipy's erosion, on the mask's box only)."""
+    out = np.zeros_like(mask)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return out
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    crop = mask[box]
+    # border_value=0: a mask touching the image edge gets its outline drawn along the edge too
+    eroded = ndimage.binary_erosion(crop, structure=np.ones((2 * width + 1, 2 * width + 1), bool), border_value=0)
+    out[box] = crop & ~eroded
+    return out
 
 
 def _anchor(mask: np.ndarray) -> tuple[int, int] | None:
@@ -137,46 +152,129 @@ def _label_text(seg: Segment) -> str:
     return f"{seg.id}: {text}{more}"
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one label goes: its box, and the leader line from the box to its mask (None when the
+    box already sits on the mask's anchor point)."""
+
+    box: Box
+    leader: tuple[tuple[int, int], tuple[int, int]] | None
+
+
+def keep_out(mask: np.ndarray, anchor: tuple[int, int], label_area: int, margin: int) -> Box:
+    """What no label may cover for a segment: the whole box of a small mask (smaller than a few
+    labels: a label on it would hide it), else a square around its anchor point."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) < 4 * label_area:
+        return (int(xs.min()) - margin, int(ys.min()) - margin, int(xs.max()) + 1 + margin, int(ys.max()) + 1 + margin)
+    x, y = anchor
+    return (x - margin, y - margin, x + margin + 1, y + margin + 1)
+
+
+def layout_labels(sizes: list[tuple[int, int]], anchors: list[tuple[int, int]], keep_outs: list[Box],
+                  image_size: tuple[int, int]) -> list[Placement | None]:
+    """Place label boxes of ``sizes`` (in this order: the first get the best spots) near their anchors.
+
+    A box stays inside the image, overlaps no earlier box and covers no keep-out area (small masks,
+    every anchor): labels never hide the objects they name. Spots are tried on rings of growing
+    distance around the anchor; a box that is not on its anchor gets a leader line to it. None when
+    no spot is free (the caller then shortens the label or drops the rule against overlaps).
+    """
+    placed: list[Box] = []
+    out: list[Placement | None] = []
+    width, height = image_size
+    for (w, h), anchor in zip(sizes, anchors, strict=True):
+        spot = None
+        for box in _candidates(anchor, w, h, width, height):
+            if not any(_overlaps(box, other) for other in placed) and not any(_overlaps(box, k) for k in keep_outs):
+                spot = box
+                break
+        if spot is None:
+            out.append(None)
+            continue
+        placed.append(spot)
+        out.append(Placement(spot, _leader(spot, anchor)))
+    return out
+
+
+def _candidates(anchor: tuple[int, int], w: int, h: int, width: int, height: int) -> Iterator[Box]:
+    """Boxes around ``anchor``: beside it first, then on rings further out (16 directions each)."""
+    if w > width or h > height:
+        return
+    ax, ay = anchor
+    gap = max(4, h // 2)
+    for ring in range(12):
+        radius = gap + ring * (h + gap)
+        for k in range(16):
+            angle = 2 * math.pi * k / 16 - math.pi / 2  # from straight up, clockwise
+            dx, dy = math.cos(angle), math.sin(angle)
+            # the box corner or edge nearest the anchor sits ``radius`` away from it in this direction
+            cx = ax + dx * (radius + w / 2 * abs(dx) ** 0.5)
+            cy = ay + dy * (radius + h / 2 * abs(dy) ** 0.5)
+            x0 = int(min(max(0, cx - w / 2), max(0, width - w)))
+            y0 = int(min(max(0, cy - h / 2), max(0, height - h)))
+            yield x0, y0, x0 + w, y0 + h
+
+
+def _leader(box: Box, anchor: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The segment from the box edge point nearest the anchor to the anchor (None if inside)."""
+    x0, y0, x1, y1 = box
+    ax, ay = anchor
+    near = (min(max(ax, x0), x1 - 1), min(max(ay, y0), y1 - 1))
+    if near == (ax, ay):
+        return None
+    return near, (ax, ay)
+
+
 def _draw_labels(img: Image.Image, segments: list[Segment], masks: dict[int, np.ndarray], order: list[int],
-                 font: ImageFont.FreeTypeFont) -> None:
-    """Labels on dark boxes at each segment, moved up or down to avoid earlier labels."""
+                 font: ImageFont.FreeTypeFont) -> list[Placement]:
+    """Labels on dark boxes beside their segments, leader lines where they had to move away."""
     layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    placed: list[Box] = []
     pad = max(2, font.size // 4)
     swatch = font.size * 2 // 3
-    for i in reversed(order):  # small segments get the best spots: their label is harder to place
-        anchor = _anchor(masks[i])
-        if anchor is None:
-            continue
-        text = _label_text(segments[i])
-        box = _place(draw, text, font, anchor, img.size, placed, pad, swatch)
-        if box is None:  # no free spot for the full label: the id alone (the legend has the texts)
-            text = str(segments[i].id)
-            box = _place(draw, text, font, anchor, img.size, placed, pad, swatch)
-        if box is None:  # still none: the id at the segment, over other labels
-            box = _place(draw, text, font, anchor, img.size, [], pad, swatch)
-        placed.append(box)
-        x0, y0, x1, y1 = box
-        draw.rounded_rectangle(box, radius=pad, fill=(0, 0, 0, 200), outline=(*colour(i), 255), width=2)
-        draw.rectangle((x0 + pad, y0 + pad + 1, x0 + pad + swatch, y1 - pad - 1), fill=(*colour(i), 255))
-        draw.text((x0 + 2 * pad + swatch, (y0 + y1) / 2), text, font=font, fill=(255, 255, 255, 255), anchor="lm")
+    todo = [i for i in reversed(order) if masks[i].any()]  # small segments first: theirs are the hard spots
+    anchors = [_anchor(masks[i]) for i in todo]
+    texts = [_label_text(segments[i]) for i in todo]
+
+    def size(text: str) -> tuple[int, int]:
+        return int(draw.textlength(text, font=font)) + 3 * pad + swatch, font.size + 2 * pad
+
+    margin = max(2, font.size // 5)
+    typical = size("00: a label")
+    outs = [keep_out(masks[i], a, typical[0] * typical[1], margin) for i, a in zip(todo, anchors, strict=True)]
+    placements = layout_labels([size(t) for t in texts], anchors, outs, img.size)
+    for n, p in enumerate(placements):
+        if p is None:  # no free spot for the full label: the id alone (the legend has the texts)
+            texts[n] = str(segments[todo[n]].id)
+    done = [p for p in placements if p is not None]
+    retry = [n for n, p in enumerate(placements) if p is None]
+    if retry:  # the ids, placed around the full labels already down; overlaps allowed as a last resort
+        more = layout_labels([size(texts[n]) for n in retry], [anchors[n] for n in retry],
+                             outs + [p.box for p in done], img.size)
+        for n, p in zip(retry, more, strict=True):
+            placements[n] = p or Placement(_clamp(anchors[n], size(texts[n]), img.size), None)
+    for n, p in enumerate(placements):  # leader lines first: no line runs over a label
+        if p.leader is not None:
+            col = (*colour(todo[n]), 255)
+            draw.line(p.leader, fill=col, width=2)
+            ax, ay = anchors[n]
+            draw.ellipse((ax - 2, ay - 2, ax + 2, ay + 2), fill=col)
+    for n, p in enumerate(placements):
+        col = (*colour(todo[n]), 255)
+        x0, y0, x1, y1 = p.box
+        draw.rounded_rectangle(p.box, radius=pad, fill=(0, 0, 0, 200), outline=col, width=2)
+        draw.rectangle((x0 + pad, y0 + pad + 1, x0 + pad + swatch, y1 - pad - 1), fill=col)
+        draw.text((x0 + 2 * pad + swatch, (y0 + y1) / 2), texts[n], font=font, fill=(255, 255, 255, 255), anchor="lm")
     img.alpha_composite(layer)
+    return [p for p in placements if p is not None]
 
 
-def _place(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.FreeTypeFont, anchor: tuple[int, int],
-           size: tuple[int, int], placed: list[Box], pad: int, swatch: int) -> Box | None:
-    """A label box near ``anchor``, inside the image, overlapping no placed box (None if impossible)."""
-    w = int(draw.textlength(text, font=font)) + 3 * pad + swatch
-    h = font.size + 2 * pad
-    for step in (0, 1, -1, 2, -2, 3, -3):
-        for shift in (0, -1, 1):  # centred on the anchor, then ending or starting at it
-            x0 = min(max(0, anchor[0] - w // 2 + shift * w // 2), max(0, size[0] - w))
-            y0 = min(max(0, anchor[1] - h // 2 + step * (h + 2)), max(0, size[1] - h))
-            box = (x0, y0, x0 + w, y0 + h)
-            if not any(_overlaps(box, other) for other in placed):
-                return box
-    return None
+def _clamp(anchor: tuple[int, int], size: tuple[int, int], image_size: tuple[int, int]) -> Box:
+    w, h = size
+    x0 = min(max(0, anchor[0] - w // 2), max(0, image_size[0] - w))
+    y0 = min(max(0, anchor[1] - h // 2), max(0, image_size[1] - h))
+    return x0, y0, x0 + w, y0 + h
 
 
 def _overlaps(a: Box, b: Box) -> bool:
@@ -194,7 +292,8 @@ def _legend(sample: ShardSample, width: int, big: ImageFont.FreeTypeFont) -> Ima
 
     def add(text: str, f: ImageFont.FreeTypeFont, fill: tuple[int, int, int], indent: int,
             swatch_of: int | None = None) -> None:
-        for j, line in enumerate(_wrap(measure, text, f, width - indent - pad)):
+        wrapped = [w for part in text.splitlines() or [""] for w in _wrap(measure, part, f, width - indent - pad)]
+        for j, line in enumerate(wrapped):  # captions may hold line breaks (COCO 359219 does)
             lines.append((line, f, fill, indent, swatch_of if j == 0 else None))
 
     add(f"{sample.key}  ·  {meta.source}  ·  {meta.width}x{meta.height}  ·  {len(meta.segments)} segments",
@@ -247,13 +346,21 @@ def iter_overlays(directory: str | Path, limit: int | None = None) -> Iterator[t
 
 
 def inspect(directory: str | Path, out: str | Path, limit: int | None = None, progress: bool = False) -> list[Path]:
-    """Write ``OUT/KEY.png`` for the first ``limit`` samples (all when None); returns the paths."""
+    """Write ``OUT/KEY.png`` for the first ``limit`` samples (all when None); returns the paths.
+
+    Keys come from the shards, which may come from anyone: a key that is not a plain
+    ``[A-Za-z0-9_-]`` name (``../x``, ``/etc/x``) would name a file elsewhere, so such a sample is
+    skipped with a warning and nothing is written outside ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    root = out.resolve()
     for key, image in tqdm(iter_overlays(directory, limit), total=limit, unit="sample", disable=not progress,
                            desc="overlays"):
         path = out / f"{key}.png"
+        if not is_valid_key(key) or path.resolve().parent != root:  # keys come from untrusted shards
+            log.warning("skipping sample %r: its key is not a plain file name inside %s", key[:80], out)
+            continue
         image.save(path, optimize=False)
         written.append(path)
     log.info("wrote %d overlays to %s", len(written), out)
