@@ -4,13 +4,23 @@ webdataset's default decoders unpickle ``.pyd``/``.pickle`` members, so this mod
 hand with an allow-list (images kept as bytes or opened with PIL, ``.json``, ``.txt``, ``.npy``
 with ``allow_pickle=False``); any other member extension is an error. Splitting by node and by
 worker, shard shuffling and resampling are webdataset's own (as in open_clip's ``data.py``).
+
+Shards are untrusted input, so the pipeline is webdataset's stages except the tar expander:
+webdataset opens tars with ``tarfile`` mode ``r|*`` (transparent gzip/bz2/xz: a 3 MB gzip bomb
+becomes gigabytes), while :func:`tar_members` opens them ``r|`` (plain tar only, streamed) and
+does not read a member over ``SampleLimits.max_member_bytes``. :func:`decode_sample` applies the
+schema's limits (pixels the JSON claims, segments, RLE string length) and checks the claimed size
+against the image header before anything is decoded. With ``on_error="skip"`` every refused sample
+is a warning that carries the running count of skipped samples of this process.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +30,16 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from .image import SHARD_POLICY, ReadPolicy, decode_image
-from .schema import ALLOWED_EXTENSIONS, IMAGE_EXTENSIONS, SampleMeta, SchemaError
+from .image import SHARD_POLICY, ImageDecodeError, ReadPolicy, decode_image
+from .image import probe as probe_image
+from .schema import (
+    ALLOWED_EXTENSIONS,
+    DEFAULT_LIMITS,
+    IMAGE_EXTENSIONS,
+    SampleLimits,
+    SampleMeta,
+    SchemaError,
+)
 from .writer import list_shards
 
 log = logging.getLogger(__name__)
@@ -67,8 +85,8 @@ def shard_urls(source: str | Path | Sequence[str | Path]) -> list[str]:
     return [u for s in source for u in shard_urls(s)]
 
 
-def decode_sample(raw: dict[str, Any]) -> ShardSample:
-    """Decode one raw webdataset sample (bytes per extension) with the allow-list."""
+def decode_sample(raw: dict[str, Any], limits: SampleLimits = DEFAULT_LIMITS) -> ShardSample:
+    """Decode one raw webdataset sample (bytes per extension) with the allow-list and the limits."""
     key = raw["__key__"]
     url = raw.get("__url__", "")
     members = {k: v for k, v in raw.items() if not k.startswith("__")}
@@ -78,7 +96,9 @@ def decode_sample(raw: dict[str, Any]) -> ShardSample:
     if "json" not in members:
         raise SchemaError(f"{url}: sample {key!r} has no .json member")
     try:
-        meta = SampleMeta.from_dict(json.loads(members["json"]))
+        if len(members["json"]) > limits.max_json_bytes:
+            raise SchemaError(f".json is {len(members['json'])} bytes, more than the limit of {limits.max_json_bytes}")
+        meta = SampleMeta.from_dict(json.loads(members["json"]), limits)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SchemaError(f"{url}: sample {key!r}: .json is not valid JSON ({e})") from e
     except SchemaError as e:
@@ -96,15 +116,27 @@ def decode_sample(raw: dict[str, Any]) -> ShardSample:
             extras[ext] = data.decode("utf-8")
         elif ext == "npy":
             extras[ext] = np.load(io.BytesIO(data), allow_pickle=False)
-    return ShardSample(key=key, meta=meta, image_bytes=members[images[0]], url=url, extras=extras)
+    image_bytes = members[images[0]]
+    try:  # the JSON's size against the image header (no pixel decoded): RLEs are sized from the JSON
+        header = probe_image(image_bytes, SHARD_POLICY.model_copy(update={"max_pixels": limits.max_pixels}))
+    except ImageDecodeError as e:
+        raise SchemaError(f"{url}: sample {key!r}: image: {e}") from e
+    if (header.width, header.height) != (meta.width, meta.height):
+        raise SchemaError(f"{url}: sample {key!r}: image is {header.width}x{header.height} but the JSON says "
+                          f"{meta.width}x{meta.height}")
+    return ShardSample(key=key, meta=meta, image_bytes=image_bytes, url=url, extras=extras)
 
 
 def _handler(on_error: OnError):
     if on_error == "raise":
         return wds.reraise_exception
 
+    skipped = 0
+
     def skip(exn: Exception) -> bool:
-        log.warning("skipping bad sample: %s", exn)
+        nonlocal skipped
+        skipped += 1
+        log.warning("skipping bad sample or shard (%d skipped so far in this process): %s", skipped, exn)
         return True
 
     return skip
@@ -112,7 +144,7 @@ def _handler(on_error: OnError):
 
 def open_shards(source: str | Path | Sequence[str | Path], *, on_error: OnError = "raise", shuffle: int = 0,
                 resampled: bool = False, split_by_node: bool = False, split_by_worker: bool = True,
-                seed: int = 0) -> wds.WebDataset:
+                seed: int = 0, limits: SampleLimits = DEFAULT_LIMITS) -> ShardPipeline:
     """An iterable of :class:`ShardSample` over shards.
 
     Args:
@@ -122,18 +154,58 @@ def open_shards(source: str | Path | Sequence[str | Path], *, on_error: OnError 
         resampled: draw shards with replacement forever (use ``.with_epoch(n)``), as open_clip does.
         split_by_node: give each torch.distributed rank a disjoint subset of shards.
         split_by_worker: give each DataLoader worker a disjoint subset of shards.
+        limits: caps on member bytes, JSON size, pixels, segments and RLE length (see ``SampleLimits``).
     """
     urls = shard_urls(source)
     handler = _handler(on_error)
-    ds = wds.WebDataset(
-        urls, handler=handler, resampled=resampled, shardshuffle=100 if shuffle > 0 and not resampled else False,
-        nodesplitter=wds.split_by_node if split_by_node else None,
-        workersplitter=wds.split_by_worker if split_by_worker else None, empty_check=False, seed=seed,
-    )
-    ds = ds.map(decode_sample, handler=handler)
+    stages: list[Any] = [wds.ResampledShards(urls, seed=seed) if resampled else wds.SimpleShardList(urls)]
+    if split_by_node:
+        stages.append(wds.split_by_node)
+    if split_by_worker:
+        stages.append(wds.split_by_worker)
+    if shuffle > 0 and not resampled:
+        stages.append(wds.shuffle(100, seed=seed))
+    stages += [functools.partial(tar_members, handler=handler, max_member_bytes=limits.max_member_bytes),
+               functools.partial(wds.tariterators.group_by_keys, handler=handler),
+               wds.map(functools.partial(decode_sample, limits=limits), handler=handler)]
     if shuffle > 0:
-        ds = ds.shuffle(shuffle)
-    return ds
+        stages.append(wds.shuffle(shuffle))
+    return ShardPipeline(*stages)
+
+
+class ShardPipeline(wds.DataPipeline, wds.compat.FluidInterface):
+    """A webdataset pipeline with the fluid methods (``.map``, ``.shuffle``, ``.with_epoch``)."""
+
+
+def tar_members(urls: Iterator[dict[str, Any]], handler: Any = wds.reraise_exception,
+                max_member_bytes: int = DEFAULT_LIMITS.max_member_bytes) -> Iterator[dict[str, Any]]:
+    """``{fname, data, __url__}`` per regular member of each plain (uncompressed) tar, streamed.
+
+    Replaces webdataset's ``url_opener`` + ``tar_file_expander``, whose ``r|*`` mode decompresses
+    transparently; written here because webdataset has no option for a plain-tar-only open. A
+    member over ``max_member_bytes`` is skipped unread (the stream seeks past it) and reported
+    through ``handler``; the empty dict after each shard keeps samples of two shards apart, as in
+    webdataset.
+    """
+    for item in urls:
+        url = item["url"]
+        try:
+            with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+                for m in tf:
+                    if not m.isreg():
+                        continue
+                    if m.size > max_member_bytes:
+                        if not handler(SchemaError(f"{url}: member {m.name!r} is {m.size} bytes, more than the "
+                                                   f"limit of {max_member_bytes}; not read")):
+                            return
+                        continue
+                    data = tf.extractfile(m).read()
+                    yield {"fname": m.name, "data": data, "__url__": url}
+                    tf.members = []  # a streamed tar keeps every TarInfo otherwise
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if not handler(SchemaError(f"{url}: not a readable plain tar (compressed shards are refused): {e}")):
+                return
+        yield {}
 
 
 def iter_samples(source: str | Path | Sequence[str | Path], on_error: OnError = "raise") -> Iterator[ShardSample]:

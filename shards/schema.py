@@ -67,6 +67,8 @@ class SampleLimits:
     max_pixels: int = 16384 * 16384  #: width x height (the decoder's default decompression-bomb limit)
     max_segments: int = 10_000  #: segments per sample (SAM's automatic masks give a few hundred)
     max_counts_chars: int = 1 << 22  #: characters of one RLE ``counts`` string
+    max_json_bytes: int = 64 << 20  #: bytes of a sample's ``.json`` member
+    max_member_bytes: int = 1 << 28  #: bytes of any member (an image may be up to ``read.max_bytes``)
 
 
 DEFAULT_LIMITS = SampleLimits()

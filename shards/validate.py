@@ -26,14 +26,21 @@ from tqdm import tqdm
 from . import rle
 from .image import SHARD_POLICY, ImageDecodeError
 from .image import probe as probe_image
-from .schema import ALLOWED_EXTENSIONS, IMAGE_EXTENSIONS, SampleMeta, SchemaError, is_valid_key
+from .schema import (
+    ALLOWED_EXTENSIONS,
+    DEFAULT_LIMITS,
+    IMAGE_EXTENSIONS,
+    SampleMeta,
+    SchemaError,
+    is_valid_key,
+)
 from .writer import file_sha256, list_shards, stats_path
 
 log = logging.getLogger(__name__)
 
 NO_KEY = "-"  # the key column of a problem that concerns a whole shard or directory
 _BLOCK = tarfile.BLOCKSIZE
-MAX_MEMBER_BYTES = 1 << 28  # 256 MiB: no image or JSON is larger; a bigger member is not read into memory
+MAX_MEMBER_BYTES = DEFAULT_LIMITS.max_member_bytes  # a bigger member is not read into memory (the reader's cap)
 _STATS_NAME = re.compile(r"^(?P<stem>.+)\.stats\.json$")
 
 
@@ -78,10 +85,16 @@ def iter_problems(directory: str | Path, progress: bool = False) -> Iterator[Pro
     for tmp in sorted(directory.glob(".*.tmp")):
         log.warning("%s is left over from an interrupted job; shards.recover() removes or commits it", tmp.name)
     samples = 0
+    first_shard: dict[str, str] = {}  # key -> the shard it was first seen in: a key belongs to one shard only
     for tar in tqdm(tars, unit="shard", desc="validate", disable=not progress or not tars):
         problems, keys = _check_shard(tar)
         samples += len(keys)
         yield from problems
+        for key in keys:
+            other = first_shard.setdefault(key, tar.name)
+            if other != tar.name:
+                yield Problem(tar.name, key, f"key is also in {other}: a sample must be in one shard only "
+                                             "(did two jobs write into one directory?)")
     if tars and samples == 0:  # e.g. a job whose every input failed: its shards hold failure records only
         yield Problem(directory.name or str(directory), NO_KEY,
                       f"no samples in {len(tars)} shard(s): there is nothing to train on")
@@ -209,8 +222,11 @@ def _check_sample(key: str, members: dict[str, bytes], report) -> SampleMeta | N
     if "json" not in members:
         report("sample has no .json member")
         return None
+    if len(members["json"]) > DEFAULT_LIMITS.max_json_bytes:
+        report(f".json is {len(members['json'])} bytes, more than the limit of {DEFAULT_LIMITS.max_json_bytes}")
+        return None
     try:
-        meta = SampleMeta.from_dict(json.loads(members["json"]))
+        meta = SampleMeta.from_dict(json.loads(members["json"]), DEFAULT_LIMITS)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         report(f".json is not valid UTF-8 JSON ({e})")
         return None
