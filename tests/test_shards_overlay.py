@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,10 @@ def test_crowded_labels_leave_small_masks_visible(monkeypatch):
         assert hidden[scaled].mean() < 0.1, f"segment {k} is hidden under labels"
 
 
+def overlap(box, others) -> np.ndarray:
+    return overlay._overlap_matrix(np.asarray([box]), np.asarray(others).reshape(-1, 4))[0]
+
+
 def test_layout_moves_labels_off_masks_and_draws_leader_lines():
     anchors = [(100 + 10 * i, 100) for i in range(6)]  # six small objects side by side
     keep = [(x - 4, y - 4, x + 5, y + 5) for x, y in anchors]
@@ -92,12 +97,25 @@ def test_layout_moves_labels_off_masks_and_draws_leader_lines():
     for i, (a, p) in enumerate(zip(anchors, placements, strict=True)):
         x0, y0, x1, y1 = p.box
         assert 0 <= x0 and 0 <= y0 and x1 <= 400 and y1 <= 300
-        assert not any(overlay._overlaps(p.box, k) for k in keep)  # no object under a label
-        assert not any(overlay._overlaps(p.box, b) for j, b in enumerate(boxes) if j != i)
+        assert not overlap(p.box, keep).any()  # no object under a label
+        assert not overlap(p.box, [b for j, b in enumerate(boxes) if j != i]).any()
         assert p.leader is not None and p.leader[1] == a  # the line ends on the object
         ex, ey = p.leader[0]
         assert x0 <= ex < x1 and y0 <= ey < y1  # ... and starts on the label
     assert layout_labels([(500, 20)], [(10, 10)], [], (400, 300)) == [None]  # no spot: the caller shortens it
+
+
+def test_layout_of_hundreds_of_segments_is_fast():
+    rng = np.random.default_rng(0)
+    anchors = [tuple(int(v) for v in p) for p in rng.integers(0, 1200, (300, 2))]
+    keep = [(x - 3, y - 3, x + 4, y + 4) for x, y in anchors]
+    start = time.perf_counter()
+    placements = layout_labels([(90, 18)] * 300, anchors, keep, (1600, 1200))
+    assert time.perf_counter() - start < 3.0
+    boxes = np.asarray([p.box for p in placements if p is not None])
+    assert len(boxes) > 200
+    hits = overlay._overlap_matrix(boxes, boxes)
+    assert hits.sum() == len(boxes)  # each box overlaps only itself
 
 
 @pytest.mark.parametrize("name", ["../evil", "/tmp/evil_abs", "sub/../../evil"])
