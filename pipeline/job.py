@@ -14,7 +14,8 @@ Failures whose cause is the environment (file missing, permission) are not done:
 them, and ``--retry-failed`` retries every failure.
 
 Failures never stop the job: each stage marks ``record.failure`` (see ``pipeline.record``), and a
-stage that raises on a batch is retried row by row so only the rows that raise are failed. A stage
+stage that raises on a batch is retried row by row so only the rows that raise are failed
+(``pipeline.retry``, the rule the model stages also follow around each forward). A stage
 whose *process* dies (segfault, CUDA out of memory, ``os._exit``) or hangs past
 ``ray.batch_timeout_s`` is restarted by Ray a bounded number of times (``ray.max_restarts``,
 ``ray.max_task_retries``; Ray Data's defaults are unlimited); an :class:`AttemptLedger` actor
@@ -33,12 +34,12 @@ import math
 import os
 import shutil
 import time
-import traceback
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ import yaml
 from pipeline.config import STAGES, ConfigError, JobConfig, data_fields
 from pipeline.nms import mask_nms
 from pipeline.record import Record, records_of, with_records
+from pipeline.retry import retry_per_item
 from pipeline.sources import SourceError, make_source, read_item
 
 log = logging.getLogger(__name__)
@@ -139,16 +141,16 @@ class StageRunner:
         keys = {i: str(batch["key"][i]) for i in todo}
         prior = self._ledger("peek", list(keys.values())) or {}
         done: dict[str, tuple[Any, Record]] = {}
+
+        def attempt(rows: list[int]) -> None:  # pipeline.retry's rule: the rows, then each row alone
+            for _, out in retry_per_item(rows, lambda sub: self._run_rows(batch, sub, keys),
+                                         lambda i, e: records[i].fail(self.name, e), what=f"stage {self.name}",
+                                         describe=keys.__getitem__):
+                done.update(out)
+
         if not prior:
             self._ledger("begin", list(keys.values()))
-            sub = {c: _objects([batch[c][i] for i in todo]) for c in COLUMNS}
-            try:
-                done = self._rows(self._run(sub, list(keys.values())))
-            except Exception:
-                log.warning("stage %s failed on a batch of %d; retrying row by row:\n%s", self.name, len(todo),
-                            traceback.format_exc(limit=3))
-                for i in todo:
-                    self._one(batch, i, records[i], done)
+            attempt(todo)
             self._ledger("end", list(keys.values()))
         else:  # this batch was in hand when the process died: one image at a time
             for i in todo:
@@ -159,7 +161,7 @@ class StageRunner:
                     self._ledger("end", [keys[i]])
                     continue
                 self._ledger("begin", [keys[i]])
-                self._one(batch, i, records[i], done)
+                attempt([i])
                 self._ledger("end", [keys[i]])
         keys_out, images, out = [], [], []
         for i, rec in enumerate(records):
@@ -175,12 +177,11 @@ class StageRunner:
             out.append(rec)
         return with_records({"key": _objects(keys_out), "image": _objects(images)}, out)
 
-    def _one(self, batch: dict[str, np.ndarray], i: int, rec: Record, done: dict) -> None:
-        one = {c: _objects([batch[c][i]]) for c in COLUMNS}
-        try:
-            done.update(self._rows(self._run(one, [str(batch["key"][i])])))
-        except Exception as e:
-            rec.fail(self.name, f"{type(e).__name__}: {e}")
+    def _run_rows(self, batch: dict[str, np.ndarray], rows: list[int],
+                  keys: dict[int, str]) -> dict[str, tuple[Any, Record]]:
+        """The stage on ``rows`` of ``batch``; its output rows by key."""
+        sub = {c: _objects([batch[c][i] for i in rows]) for c in COLUMNS}
+        return self._rows(self._run(sub, [keys[i] for i in rows]))
 
     def _run(self, sub: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
         """The stage on ``sub``; past ``timeout_s`` the hung call cannot be stopped from Python, so the
@@ -220,7 +221,7 @@ def finalize_batch(batch: dict[str, np.ndarray], *, nms: bool, iou_threshold: fl
         except Exception as e:
             rec.fail("nms", f"{type(e).__name__}: {e}")
             continue
-        rec.segments = [{**s, "id": i} for i, s in enumerate(segs)]
+        rec.segments = [replace(s, id=i) for i, s in enumerate(segs)]
         if len(rec.segments) < min_segments:
             rec.fail("nms", f"{len(rec.segments)} segments, fewer than shards.min_segments={min_segments} "
                             f"(no annotation and no model stage gave a mask)")
@@ -545,10 +546,7 @@ def _write_one(writer: Any, key: str, image: Any, rec: Record, meta_cls: Any) ->
         writer.add_failure(key, rec.failure.stage, rec.failure.error, retry=rec.failure.retry)
         return
     try:
-        meta = meta_cls.from_dict({
-            "schema_version": 1, "key": key, "image_id": rec.image_id, "source": rec.source,
-            "width": rec.width, "height": rec.height, "image_ext": rec.image_ext, "file_name": rec.file_name,
-            "captions": rec.captions, "segments": rec.segments})
+        meta = rec.to_sample_meta(key)
     except ValueError as e:  # shards.SchemaError: the sample would not pass the validator
         writer.add_failure(key, "write", f"invalid sample: {e}")
         return

@@ -12,48 +12,45 @@ bound of its IoU from areas and boxes does (``m / (a + b - m)``, ``m = min(a, b,
 the bound is computed vectorised over area-sorted blocks (never an ``n x n`` matrix) and the exact
 RLE IoU (pycocotools) only for the few pairs that pass it, against the masks kept so far.
 
-Texts are merged by normalised text (case and whitespace folded): one entry per text, with the
-highest score seen and the sources of every duplicate joined by ``+`` in order of first appearance
-(``coco+llava:objects``), so that no provenance is lost and the trainer never samples the same
-text twice for one segment.
+Texts are merged by :func:`pipeline.text.text_key`, the phrase stage's identity of a text (case,
+whitespace, edge punctuation and a leading article folded: "a man" and "the man" are one text):
+one entry per text, with the text and score of its highest-scored copy and the sources of every
+duplicate joined by ``+`` in order of first appearance (``coco+llava:objects``), so that no
+provenance is lost and the trainer never samples the same text twice for one segment.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline.text import text_key
 from shards import rle as rle_utils
+from shards.schema import Segment, Text
 
 #: Rows per block of the area/box bound: memory is ``block x window``, never ``n x n``.
 BLOCK = 256
 
 
-def text_key(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def merge_texts(*groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Union of text lists, one entry per normalised text (max score, all sources kept)."""
-    merged: dict[str, dict[str, Any]] = {}
+def merge_texts(*groups: list[Text]) -> list[Text]:
+    """Union of text lists, one entry per :func:`~pipeline.text.text_key` (max score, all sources kept)."""
+    merged: dict[str, Text] = {}
     sources: dict[str, list[str]] = {}
     for group in groups:
         for t in group:
-            k = text_key(t["text"])
+            k = text_key(t.text)
             if not k:
                 continue
             srcs = sources.setdefault(k, [])
-            for s in str(t.get("source", "")).split("+"):
+            for s in t.source.split("+"):
                 if s and s not in srcs:
                     srcs.append(s)
-            score = float(t.get("score", 1.0))
-            if k not in merged or score > merged[k]["score"]:
-                merged[k] = {"text": t["text"], "source": "", "score": score}
-    for k, entry in merged.items():
-        entry["source"] = "+".join(sources[k])
-    return list(merged.values())
+            if k not in merged or t.score > merged[k].score:
+                merged[k] = Text(text=t.text, source="", score=float(t.score))
+    return [replace(entry, source="+".join(sources[k])) for k, entry in merged.items()]
 
 
 def _bound_pairs(boxes: np.ndarray, areas: np.ndarray, threshold: float, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,14 +132,14 @@ def nms_keep(rles: list[dict[str, Any]], scores: np.ndarray | list[float], thres
     owner_orig[order] = order[owner]
     return order[kept], owner_orig
 
-def mask_nms(segments: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
-    """NMS over shard segment dicts (``rle``, ``score``, ``texts``...); the texts of suppressed
-    segments are merged into their keeper. Returns new dicts in descending score order."""
+def mask_nms(segments: list[Segment], threshold: float) -> list[Segment]:
+    """NMS over shard segments; the texts of suppressed segments are merged into their keeper.
+    Returns new segments in descending score order (ids unchanged: the caller renumbers)."""
     if not segments:
         return []
-    keep, owner = nms_keep([s["rle"] for s in segments], [s.get("score", 1.0) for s in segments], threshold)
-    groups: dict[int, list[list[dict[str, Any]]]] = {int(k): [] for k in keep}
+    keep, owner = nms_keep([s.rle for s in segments], [s.score for s in segments], threshold)
+    groups: dict[int, list[list[Text]]] = {int(k): [] for k in keep}
     for i, o in enumerate(owner):
         if i != o:
-            groups[int(o)].append(segments[i]["texts"])
-    return [{**segments[k], "texts": merge_texts(segments[k]["texts"], *groups[int(k)])} for k in keep]
+            groups[int(o)].append(segments[i].texts)
+    return [replace(segments[k], texts=merge_texts(segments[k].texts, *groups[int(k)])) for k in keep]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.record import records_of, with_records
+from shards.schema import Caption
 
 
 class DeviceProbe:
@@ -31,7 +32,7 @@ class DeviceProbe:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
         for r in records:
-            r.captions.append({"text": f"{self.tag} cuda={self.devices}", "source": "probe"})
+            r.captions.append(Caption(f"{self.tag} cuda={self.devices}", "probe"))
         return with_records(batch, records)
 
 
@@ -69,7 +70,7 @@ class ConfigProbe:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
         for r in records:
-            r.captions.append({"text": self.dump, "source": "probe"})
+            r.captions.append(Caption(self.dump, "probe"))
         return with_records(batch, records)
 
 

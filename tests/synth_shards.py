@@ -1,45 +1,62 @@
-"""Write shards of the synthetic dataset straight from its COCO annotations (test data only).
+"""Shards of the synthetic dataset, made by the curation job's own code without Ray (test data only).
 
-The pipeline's COCO source does the same through Ray; tests of the trainer and of the shard tools
-use this direct path so that they do not depend on the curation job.
+The functions the job maps over its Ray dataset, called in this process, in the job's order with the
+job's default settings: the COCO source plans the items (``pipeline.job.plan_items``), ``read_batch``
+reads and checks each image once and turns its annotations into segments, ``finalize_batch`` runs
+mask NMS and the min-segments check, and ``Record.to_sample_meta`` gives the samples that
+``shards.ShardWriter`` commits. So the trainer and shard-tool tests train on and read the shards
+the pipeline makes, not a second implementation of them; only Ray's scheduling is left out (the
+``test_job_*`` tests run the job on Ray). An image that fails on the way is an error here: the
+fixtures promise every requested image as a sample.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import shards
-from shards import rle
+from pipeline.config import JobConfig
+from pipeline.job import finalize_batch, plan_items, read_batch
+from pipeline.record import records_of
+
+SOURCE = "synth"
 
 
 def write_synth_shards(synth_dir: Path, out_dir: Path, image_ids: list[int] | None = None,
                        max_samples: int = 8) -> Path:
-    coco = json.loads((synth_dir / "instances.json").read_text())
-    names = {c["id"]: c["name"] for c in coco["categories"]}
-    caps: dict[int, list[str]] = {}
-    for c in json.loads((synth_dir / "captions.json").read_text())["annotations"]:
-        caps.setdefault(c["image_id"], []).append(c["caption"])
-    anns: dict[int, list[dict]] = {}
-    for a in coco["annotations"]:
-        anns.setdefault(a["image_id"], []).append(a)
-    wanted = set(image_ids) if image_ids is not None else None
-    with shards.ShardWriter(out_dir, prefix="synth", max_samples=max_samples) as writer:
-        for img in coco["images"]:
-            if wanted is not None and img["id"] not in wanted:
-                continue
-            h, w = img["height"], img["width"]
-            rles = [rle.from_coco_segmentation(a["segmentation"], h, w) for a in anns.get(img["id"], [])]
-            areas, boxes = rle.area(rles), rle.bbox(rles)
-            segments = [
-                shards.Segment(id=k, rle=r, bbox=[float(v) for v in boxes[k]], area=int(areas[k]),
-                               texts=[shards.Text(names[a["category_id"]], "synth", 1.0)])
-                for k, (r, a) in enumerate(zip(rles, anns.get(img["id"], []), strict=True))
-            ]
-            meta = shards.SampleMeta(
-                key=shards.make_key("synth", img["id"]), image_id=str(img["id"]), source="synth", width=w,
-                height=h, image_ext="png", file_name=img["file_name"],
-                captions=[shards.Caption(t, "synth") for t in caps.get(img["id"], [])], segments=segments)
-            writer.write(meta, (synth_dir / "images" / img["file_name"]).read_bytes())
+    """Shards ``synth-*.tar`` of ``max_samples`` samples each (and the manifest) in ``out_dir``."""
+    cfg = JobConfig.model_validate({"source": {
+        "kind": "coco", "name": SOURCE, "images": str(synth_dir / "images"),
+        "annotations": str(synth_dir / "instances.json"), "captions": str(synth_dir / "captions.json")}})
+    items = plan_items(cfg)
+    if image_ids is not None:
+        wanted = {shards.make_key(SOURCE, i) for i in image_ids}
+        items = [it for it in items if it["key"] in wanted]
+    r = cfg.read
+    rows = read_batch(_columns(items), min_side=r.min_side, max_pixels=r.max_pixels, verify=r.verify,
+                      max_bytes=r.max_bytes, follow_symlinks_outside=r.follow_symlinks_outside)
+    rows = finalize_batch(rows, nms=cfg.nms.enabled, iou_threshold=cfg.nms.iou_threshold,
+                          min_segments=cfg.shards.min_segments)
+    records = records_of(rows)
+    for key, rec in zip(rows["key"], records, strict=True):
+        if rec.failure is not None:
+            raise RuntimeError(f"synthetic image {key} failed at {rec.failure.stage}: {rec.failure.error}")
+    with shards.ShardWriter(out_dir, prefix=SOURCE, max_samples=max_samples) as writer:
+        for key, image, rec in zip(rows["key"], rows["image"], records, strict=True):
+            writer.write(rec.to_sample_meta(str(key)), bytes(image))
     shards.build_manifest(out_dir)
     return out_dir
+
+
+def _columns(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Planned items as a Ray Data numpy batch (one object column per field)."""
+    names = sorted({k for it in items for k in it})
+    out = {}
+    for name in names:
+        col = np.empty(len(items), dtype=object)
+        col[:] = [it.get(name) for it in items]
+        out[name] = col
+    return out

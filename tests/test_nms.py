@@ -8,8 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from pipeline.nms import mask_nms, merge_texts, nms_keep, text_key
+from pipeline.nms import mask_nms, merge_texts, nms_keep
+from pipeline.text import text_key
 from shards import rle as rle_utils
+from shards.schema import Segment, Text
+
+
+def _seg(rle: dict, score: float, *texts: tuple[str, str, float], id: int = 0) -> Segment:
+    return Segment(id=id, rle=rle, bbox=[0.0, 0.0, 1.0, 1.0], area=1, texts=[Text(*t) for t in texts], score=score)
 
 
 def brute_force_keep(rles: list[dict], scores: list[float], threshold: float) -> list[int]:
@@ -61,28 +67,34 @@ def test_keeps_the_brute_force_set(case, block):
 def test_texts_of_suppressed_masks_are_merged(case):
     masks, scores, threshold = case
     rles = rle_utils.encode(np.stack(masks)) if masks else []
-    segs = [{"id": i, "rle": r, "score": s, "texts": [{"text": f"Thing {i % 4}", "source": f"src{i % 3}",
-                                                        "score": s}]}
+    articles = ("a ", "the ", "The ", "")
+    segs = [_seg(r, s, (f"{articles[i % 4]}Thing {i % 3}", f"src{i % 3}", s), id=i)
             for i, (r, s) in enumerate(zip(rles, scores, strict=True))]
     out = mask_nms(segs, threshold)
     assert len(out) == len(brute_force_keep(rles, scores, threshold))
-    before = {text_key(t["text"]) for s in segs for t in s["texts"]}
-    after = {text_key(t["text"]) for s in out for t in s["texts"]}
+    before = {text_key(t.text) for s in segs for t in s.texts}
+    after = {text_key(t.text) for s in out for t in s.texts}
     assert before == after
     for s in out:  # one entry per text within a segment
-        keys = [text_key(t["text"]) for t in s["texts"]]
+        keys = [text_key(t.text) for t in s.texts]
         assert len(keys) == len(set(keys))
 
 
 def test_merge_texts_dedupes_keeps_max_score_and_sources():
-    merged = merge_texts([{"text": "a red car", "source": "coco", "score": 1.0}],
-                         [{"text": "A  red car", "source": "llava:objects", "score": 0.4},
-                          {"text": "a wheel", "source": "llava:parts", "score": 0.3}],
-                         [{"text": "a wheel", "source": "llava:parts", "score": 0.6}])
-    by = {text_key(t["text"]): t for t in merged}
-    assert set(by) == {"a red car", "a wheel"}
-    assert by["a red car"]["score"] == 1.0 and by["a red car"]["source"] == "coco+llava:objects"
-    assert by["a wheel"]["score"] == 0.6 and by["a wheel"]["source"] == "llava:parts"
+    merged = merge_texts([Text("a red car", "coco", 1.0)],
+                         [Text("A  red car", "llava:objects", 0.4), Text("a wheel", "llava:parts", 0.3)],
+                         [Text("a wheel", "llava:parts", 0.6)])
+    by = {text_key(t.text): t for t in merged}
+    assert set(by) == {"red car", "wheel"}
+    assert by["red car"].score == 1.0 and by["red car"].source == "coco+llava:objects"
+    assert by["wheel"].score == 0.6 and by["wheel"].source == "llava:parts"
+
+
+def test_texts_merge_as_the_phrase_stage_dedups():
+    """"a man", "the man" and "The man." are one text to the phrase stage, so one text after NMS."""
+    merged = merge_texts([Text("a man", "llava:objects", 0.5)], [Text("the man", "coco", 0.9)],
+                         [Text("The man.", "vg", 0.7), Text("men", "vg", 0.7)])
+    assert merged == [Text("the man", "llava:objects+coco+vg", 0.9), Text("men", "vg", 0.7)]
 
 
 def test_duplicate_masks_merge_into_the_higher_score():
@@ -93,13 +105,12 @@ def test_duplicate_masks_merge_into_the_higher_score():
     other = np.zeros_like(m)
     other[15:19, 22:29] = True
     rles = rle_utils.encode(np.stack([m, m2, other]))
-    segs = [{"rle": rles[0], "score": 0.6, "texts": [{"text": "a man", "source": "llava:scene", "score": 0.6}]},
-            {"rle": rles[1], "score": 0.9, "texts": [{"text": "a person", "source": "coco", "score": 1.0}]},
-            {"rle": rles[2], "score": 0.5, "texts": [{"text": "a cup", "source": "vg", "score": 0.5}]}]
+    segs = [_seg(rles[0], 0.6, ("a man", "llava:scene", 0.6)), _seg(rles[1], 0.9, ("a person", "coco", 1.0)),
+            _seg(rles[2], 0.5, ("a cup", "vg", 0.5))]
     out = mask_nms(segs, 0.8)
-    assert [s["score"] for s in out] == [0.9, 0.5]
-    assert {t["text"] for t in out[0]["texts"]} == {"a person", "a man"}
-    assert mask_nms(segs, 0.99)[0]["texts"] == segs[1]["texts"]  # under the threshold nothing merges
+    assert [s.score for s in out] == [0.9, 0.5]
+    assert {t.text for t in out[0].texts} == {"a person", "a man"}
+    assert mask_nms(segs, 0.99)[0].texts == segs[1].texts  # under the threshold nothing merges
 
 
 def test_small_blocks_give_the_same_keep_set_and_owners():

@@ -17,6 +17,7 @@ from pipeline.record import Record
 from pipeline.sources import CocoSource, FolderSource, ReadError, SourceError, VgSource, probe
 from shards import make_key
 from shards import rle as rle_utils
+from shards.schema import Caption, Text
 
 
 def _rows(source) -> dict[str, tuple[bytes, Record]]:
@@ -44,13 +45,13 @@ def test_coco_masks_equal_ann_to_mask_for_polygons_rle_and_crowd(tmp_path):
     coco = COCO(str(paths["annotations"]))
     _, rec = rows[make_key("coco", 1)]
     assert rec.failure is None and (rec.width, rec.height) == (40, 30)
-    assert rec.captions == [{"text": "A thing on a table.", "source": "coco"}]
+    assert rec.captions == [Caption("A thing on a table.", "coco")]
     anns = coco.loadAnns(coco.getAnnIds(imgIds=1))
     assert len(rec.segments) == len(anns) == 3
     for seg, ann in zip(rec.segments, anns, strict=True):
-        assert np.array_equal(rle_utils.decode(seg["rle"]), coco.annToMask(ann).astype(bool))
-        assert seg["texts"][0] == {"text": coco.cats[ann["category_id"]]["name"], "source": "coco", "score": 1.0}
-        assert seg["area"] == int(coco.annToMask(ann).sum())
+        assert np.array_equal(rle_utils.decode(seg.rle), coco.annToMask(ann).astype(bool))
+        assert seg.texts[0] == Text(coco.cats[ann["category_id"]]["name"], "coco", 1.0)
+        assert seg.area == int(coco.annToMask(ann).sum())
 
 
 def test_unknown_image_and_missing_file_are_failures(tmp_path):

@@ -14,6 +14,7 @@ from pipeline.models import ModelNotFoundError
 from pipeline.record import Record, records_of
 from pipeline.stages.captioner import Captioner
 from pipeline.stages.config import CaptionerConfig
+from shards.schema import Caption
 
 PROMPTS = {"scene": "Describe the scene.", "parts": "List the parts of each object in this image, with colors."}
 
@@ -75,8 +76,8 @@ def test_budget_per_prompt_and_answers_cut_without_eos_are_counted(monkeypatch):
     records = [Record(source="s", image_id=str(i)) for i in range(2)]
     out = records_of(captioner(make_batch(records, [image_bytes(40, 30), image_bytes(30, 40)])))
     assert sorted(budgets) == [3, 7]
-    assert [[c["text"] for c in r.captions] for r in out] == [["ab", "ab"], ["ab", "ab cd e"]]
-    assert [c["source"] for c in out[0].captions] == ["llava:scene", "llava:parts"]
+    assert [[c.text for c in r.captions] for r in out] == [["ab", "ab"], ["ab", "ab cd e"]]
+    assert [c.source for c in out[0].captions] == ["llava:scene", "llava:parts"]
     assert [r.captions_cut for r in out] == [1, 2]  # scene cut for both, parts cut for the second only
     assert CaptionerConfig().budget("objects") == 384 and CaptionerConfig(max_new_tokens=50).budget("parts") == 50
     with pytest.raises(ValueError, match="prompts that do not exist"):
@@ -94,7 +95,7 @@ def test_call_appends_one_caption_per_prompt_and_fails_bad_images(captioner):
 
     captioner.model.generate = spy
     try:
-        good = Record(source="s", image_id="1", captions=[{"text": "A dog.", "source": "coco"}])
+        good = Record(source="s", image_id="1", captions=[Caption("A dog.", "coco")])
         bad = Record(source="s", image_id="2")
         failed = Record(source="s", image_id="3")
         failed.fail("read", "missing file")
@@ -104,14 +105,14 @@ def test_call_appends_one_caption_per_prompt_and_fails_bad_images(captioner):
         out = records_of(captioner(batch))
     finally:
         del captioner.model.generate
-    assert [c["source"] for c in out[0].captions] == ["coco", "llava:scene", "llava:parts"]
-    assert [c["source"] for c in out[3].captions] == ["llava:scene", "llava:parts"]
+    assert [c.source for c in out[0].captions] == ["coco", "llava:scene", "llava:parts"]
+    assert [c.source for c in out[3].captions] == ["llava:scene", "llava:parts"]
     assert out[0].failure is None and out[3].failure is None
     assert (out[0].width, out[0].height) == (40, 30)
     assert out[1].failure.stage == "captioner" and "not an image" in out[1].failure.error
     assert out[2].failure.stage == "read" and out[2].captions == []
     assert len(spy_lengths) == 2 and all(0 < n <= 6 for n in spy_lengths)  # 4 sequences in groups of 3
-    assert all(c["text"].strip() == c["text"] and c["text"] for r in (out[0], out[3]) for c in r.captions)
+    assert all(c.text.strip() == c.text and c.text for r in (out[0], out[3]) for c in r.captions)
 
 
 def test_a_failing_image_fails_alone(captioner, monkeypatch):

@@ -131,7 +131,7 @@ def test_every_phrase_above_the_text_threshold_gets_the_box_and_reaches_the_segm
     (seg,) = records_of(segmenter(make_batch([out], [image])))
     assert seg.failure is None and len(seg.segments) == 2
     (final,) = mask_nms(seg.segments, 0.9)
-    assert [(t["text"], t["source"], round(t["score"], 4)) for t in final["texts"]] == [
+    assert [(t.text, t.source, round(t.score, 4)) for t in final.texts] == [
         ("a man in a red shirt", "llava:objects", 0.95), ("the man", "llava:objects", 0.92)]
 
 

@@ -7,7 +7,9 @@ from fixtures_models import image_bytes, make_batch
 
 from pipeline.record import Box, Phrase, Record, records_of
 from pipeline.stages.config import PhraseConfig
-from pipeline.stages.phrases import PhraseExpander, dedup_key, load_spacy, normalise, phrase_source
+from pipeline.stages.phrases import PhraseExpander, load_spacy, phrase_source
+from pipeline.text import normalise, text_key
+from shards.schema import Caption
 
 HORSE = "A man in a red shirt is riding a brown horse next to a wooden fence."
 
@@ -41,15 +43,15 @@ def test_long_expansion_falls_back_to_the_chunk():
 
 def test_sources_captions_and_per_image_dedup(expander):
     rec = Record(source="coco", image_id="1", captions=[
-        {"text": HORSE, "source": "llava:scene"},
-        {"text": "The man rides a horse past the wooden fence.", "source": "coco"},
+        Caption(HORSE, "llava:scene"),
+        Caption("The man rides a horse past the wooden fence.", "coco"),
     ])
     (out,) = _run(expander, [rec])
     assert out.failure is None
     texts = [p.text for p in out.phrases]
     # "the wooden fence" of the second caption is "a wooden fence" of the first: kept once
     assert texts == ["a man in a red shirt", "a red shirt", "a brown horse", "a wooden fence", "the man", "a horse"]
-    assert len({dedup_key(t) for t in texts}) == len(texts)
+    assert len({text_key(t) for t in texts}) == len(texts)
     assert {p.source for p in out.phrases} == {"llava:scene", "caption:coco"}
     assert out.phrases[0].caption == HORSE and out.phrases[-1].caption.startswith("The man rides")
 
@@ -57,7 +59,7 @@ def test_sources_captions_and_per_image_dedup(expander):
 def test_existing_phrases_count_for_dedup_and_max_phrases():
     expander = PhraseExpander(PhraseConfig(max_phrases=3))
     rec = Record(source="vg", image_id="2", phrases=[Phrase("the brown horse", "vg")],
-                 captions=[{"text": HORSE, "source": "coco"}])
+                 captions=[Caption(HORSE, "coco")])
     (out,) = _run(expander, [rec])
     assert [p.text for p in out.phrases] == ["the brown horse", "a man in a red shirt", "a red shirt"]
 
@@ -68,11 +70,11 @@ def test_strip_determiners_option():
 
 
 def test_failures(expander):
-    no_phrase = Record(source="s", image_id="a", captions=[{"text": "It is raining.", "source": "llava:scene"}])
-    with_boxes = Record(source="vg", image_id="b", captions=[{"text": "It is raining.", "source": "vg"}],
+    no_phrase = Record(source="s", image_id="a", captions=[Caption("It is raining.", "llava:scene")])
+    with_boxes = Record(source="vg", image_id="b", captions=[Caption("It is raining.", "vg")],
                         boxes=[Box([0, 0, 5, 5], "a cloud", "vg")])
     no_captions = Record(source="s", image_id="c")
-    failed = Record(source="s", image_id="d", captions=[{"text": HORSE, "source": "coco"}])
+    failed = Record(source="s", image_id="d", captions=[Caption(HORSE, "coco")])
     failed.fail("read", "truncated")
     out = _run(expander, [no_phrase, with_boxes, no_captions, failed])
     assert (out[0].failure.stage, out[0].failure.error) == ("phrases", "no noun phrase")
@@ -84,7 +86,7 @@ def test_failures(expander):
 def test_normalise_and_sources():
     assert normalise("  A  Red\tCar, ") == "a red car"
     assert normalise("The red car", strip_determiners=True) == "red car"
-    assert dedup_key("The red car") == dedup_key("a red car") == "red car"
+    assert text_key("The red car") == text_key("a red car") == "red car"
     assert phrase_source("llava:objects") == "llava:objects"
     assert phrase_source("coco") == "caption:coco"
 

@@ -12,6 +12,7 @@ from pipeline.record import Box, Record, records_of
 from pipeline.stages.config import SegmenterConfig
 from pipeline.stages.segmenter import Segmenter
 from shards import rle as rle_utils
+from shards.schema import Segment, Text
 
 LOW = 16  # the tiny SAM's low-resolution mask side (4x its 4x4 image embedding)
 
@@ -62,16 +63,16 @@ def test_low_res_mask_lands_on_the_right_pixels(segmenter, monkeypatch, h, w, lo
     (out,) = _run(segmenter, [_record(0, [[0, 0, w, h]])], [image_bytes(w, h)])
     assert out.failure is None and len(out.segments) == 1
     seg = out.segments[0]
-    mask = rle_utils.decode(seg["rle"])
-    assert mask.shape == (h, w) and seg["rle"]["size"] == [h, w]
+    mask = rle_utils.decode(seg.rle)
+    assert mask.shape == (h, w) and seg.rle["size"] == [h, w]
     r0, r1, c0, c1 = expected
     want = np.zeros((h, w), bool)
     want[r0:r1, c0:c1] = True
     corners = np.array([[r, c] for r in (r0, r1 - 1) for c in (c0, c1 - 1)])
     for pixel in np.argwhere(mask ^ want):  # bilinear upscaling only rounds the corners
         assert np.abs(corners - pixel).max(axis=1).min() <= 1, pixel
-    assert seg["bbox"] == pytest.approx([c0, r0, c1 - c0, r1 - r0], abs=1)
-    assert seg["area"] == int(mask.sum())
+    assert seg.bbox == pytest.approx([c0, r0, c1 - c0, r1 - r0], abs=1)
+    assert seg.area == int(mask.sum())
     # the classic padding bug (upscaling the padded 16x16 straight to h x w) would put it elsewhere
     naive = torch.nn.functional.interpolate(_low_res(low_rect)[None, None], (h, w), mode="bilinear")[0, 0] > 0
     assert (naive.numpy() & want).sum() < 0.6 * want.sum()
@@ -96,21 +97,21 @@ def test_multimask_keeps_the_best_by_predicted_iou(monkeypatch):
     seen = _patch_decoder(monkeypatch, seg, masks, [0.2, 0.95, 0.5])
     (out,) = _run(seg, [_record(0, [[0, 0, 96, 48]])], [image_bytes(96, 48)])
     assert seen["multimask"] is True
-    assert out.segments[0]["score"] == pytest.approx(0.95)
-    assert out.segments[0]["bbox"] == pytest.approx([24, 12, 48, 24], abs=1)
+    assert out.segments[0].score == pytest.approx(0.95)
+    assert out.segments[0].bbox == pytest.approx([24, 12, 48, 24], abs=1)
 
 
 def test_segments_keep_texts_annotations_and_ids(segmenter, monkeypatch):
     seen = _patch_decoder(monkeypatch, segmenter, _low_res((2, 6, 4, 12))[None], [0.9])
-    annotation = {"id": 7, "rle": rle_utils.encode_one(np.ones((48, 96), bool)), "bbox": [0, 0, 96, 48],
-                  "area": 96 * 48, "texts": [{"text": "wall", "source": "coco", "score": 1.0}], "score": 1.0}
+    annotation = Segment(id=7, rle=rle_utils.encode_one(np.ones((48, 96), bool)), bbox=[0, 0, 96, 48],
+                         area=96 * 48, texts=[Text("wall", "coco", 1.0)], score=1.0)
     rec = _record(0, [[0, 0, 96, 48], [10, 10, 40, 40]], segments=[annotation])
     (out,) = _run(segmenter, [rec], [image_bytes(96, 48)])
     assert seen["multimask"] is False
-    assert [s["id"] for s in out.segments] == [7, 8, 9]
+    assert [s.id for s in out.segments] == [7, 8, 9]
     assert out.segments[0] == annotation
-    assert out.segments[2]["texts"] == [{"text": "thing 1", "source": "llava:objects", "score": 0.4}]
-    assert out.segments[2]["score"] == pytest.approx(0.9)
+    assert out.segments[2].texts == [Text("thing 1", "llava:objects", 0.4)]
+    assert out.segments[2].score == pytest.approx(0.9)
 
 
 def test_quality_filters_and_failures(segmenter, monkeypatch):
@@ -157,7 +158,7 @@ def test_small_islands_and_holes_are_removed(monkeypatch):
     low[4, 6] = -10.0  # ...and a one-cell hole
     _patch_decoder(monkeypatch, seg, low[None], [0.9])
     (out,) = _run(seg, [_record(0, [[0, 0, 96, 96]])], [image_bytes(96, 96)])
-    mask = rle_utils.decode(out.segments[0]["rle"])
+    mask = rle_utils.decode(out.segments[0].rle)
     labels, n = ndimage.label(mask)
     assert n == 1 and not ndimage.binary_fill_holes(mask)[~mask].any()
     assert mask[60:66, 84:90].sum() == 0 and mask[24:30, 36:42].all()
@@ -183,8 +184,8 @@ def test_boxes_are_decoded_within_the_pixel_budget(monkeypatch):
     assert calls == [2, 2, 1]
     assert len(got.segments) == len(want.segments) > 0
     for a, b in zip(got.segments, want.segments, strict=True):  # batch size moves float rounding, no more
-        assert a["score"] == pytest.approx(b["score"], abs=1e-5) and a["texts"] == b["texts"]
-        assert rle_utils.iou([a["rle"]], [b["rle"]])[0, 0] > 0.99
+        assert a.score == pytest.approx(b.score, abs=1e-5) and a.texts == b.texts
+        assert rle_utils.iou([a.rle], [b.rle])[0, 0] > 0.99
 
 
 def test_real_tiny_forward():
@@ -196,5 +197,5 @@ def test_real_tiny_forward():
     for r, (h, w) in zip(out, sizes, strict=True):
         assert r.failure is None or r.failure.error == "no non-empty mask passed the filters"
         for s in r.segments:
-            assert s["rle"]["size"] == [h, w] and s["area"] == int(rle_utils.decode(s["rle"]).sum()) > 0
+            assert s.rle["size"] == [h, w] and s.area == int(rle_utils.decode(s.rle).sum()) > 0
     assert sum(len(r.segments) for r in out) > 0

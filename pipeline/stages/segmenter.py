@@ -14,27 +14,26 @@ Quality filters as in SAM's automatic mask generator, on the upscaled logits: pr
 least ``pred_iou_thresh``; stability score (area at threshold +offset over area at -offset) at
 least ``stability_score_thresh``. Then SAM's ``remove_small_regions`` (holes first, then islands,
 8-connectivity, keeping the largest island when all are small; scipy connected components). Each
-surviving mask becomes a segment ``{id, rle, bbox, area, texts, score}``: the box's phrase with its
+surviving mask becomes a ``shards.schema.Segment`` ``(id, rle, bbox, area, texts, score)``: the box's phrase with its
 source and grounding score as the text, SAM's predicted IoU as the score. Empty masks are dropped; annotation segments already in
 ``record.segments`` are kept and new ids continue after theirs.
 """
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
 from pipeline.models import ModelNotFoundError, load_sam
 from pipeline.record import Record, records_of, with_records
+from pipeline.retry import retry_per_item
 from pipeline.sam import decode_prompts, embed_images, prompt_chunks, remove_small_regions, stability_score
 from shards import rle as rle_utils
+from shards.schema import Segment, Text
 
 from .common import chunks, decode_pending, load_error
 from .config import SegmenterConfig
 
-log = logging.getLogger(__name__)
 STAGE = "segmenter"
 
 
@@ -57,26 +56,23 @@ class Segmenter:
         todo = list(decode_pending(batch, records, STAGE, want=lambda r: bool(r.boxes),
                                    policy=self.config.read))
         for group in chunks(todo, self.config.image_batch_size):
-            self._segment_group(group, records)
+            retry_per_item(group, lambda g: self._segment_group(g, records), lambda item, e: records[item[0]].fail(STAGE, e),
+                           what=f"{STAGE}: segmentation", describe=lambda item: records[item[0]].image_id)
         for r in records:
             if r.failure is None and not r.segments:
                 r.fail(STAGE, "no non-empty mask passed the filters" if r.boxes else "no box to segment")
         return with_records(batch, records)
 
     def _segment_group(self, group, records: list[Record]) -> None:
-        """Segment a group of images; when it fails, retry them one by one so only the culprit fails."""
+        """Segment a group of (row, image), all or nothing: on failure its new segments are removed
+        (and :func:`pipeline.retry.retry_per_item` runs the images one at a time)."""
         before = [len(records[i].segments) for i, _ in group]
         try:
             self.segment_images([records[i] for i, _ in group], [image for _, image in group])
-        except Exception as e:  # a failing forward fails its images, not the job
+        except Exception:
             for (i, _), n in zip(group, before, strict=True):
                 del records[i].segments[n:]
-            if len(group) > 1:
-                for item in group:
-                    self._segment_group([item], records)
-                return
-            log.warning("%s: segmentation failed for %s: %s", STAGE, records[group[0][0]].image_id, e)
-            records[group[0][0]].fail(STAGE, e)
+            raise
 
     @torch.inference_mode()
     def segment_images(self, records: list[Record], images: list) -> None:
@@ -86,7 +82,7 @@ class Segmenter:
         for k, record in enumerate(records):
             boxes = np.array([b.xyxy for b in record.boxes], dtype=np.float32).reshape(-1, 4)
             h, w = originals[k]
-            next_id = max((int(s.get("id", -1)) for s in record.segments), default=-1) + 1
+            next_id = max((s.id for s in record.segments), default=-1) + 1
             for sel in prompt_chunks(len(boxes), masks_per_box * h * w, cfg.mask_pixel_budget,
                                      cfg.boxes_per_batch):
                 masks, scores, keep = self.decode_boxes(embeddings[k], boxes[sel], originals[k], reshaped[k])
@@ -96,10 +92,9 @@ class Segmenter:
                     if area == 0:
                         continue
                     box = record.boxes[sel.start + j]
-                    record.segments.append({
-                        "id": next_id, "rle": rle, "bbox": [float(v) for v in bbox], "area": int(area),
-                        "texts": [{"text": box.text, "source": box.source, "score": float(box.score)}],
-                        "score": float(scores[j])})
+                    record.segments.append(Segment(
+                        id=next_id, rle=rle, bbox=[float(v) for v in bbox], area=int(area),
+                        texts=[Text(box.text, box.source, float(box.score))], score=float(scores[j])))
                     next_id += 1
 
     @torch.inference_mode()
