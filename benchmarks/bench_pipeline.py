@@ -124,7 +124,6 @@ def _overhead_once(src_cfg, tmp: Path) -> tuple[dict[str, float], int]:
     from pipeline.job import finalize_batch
     from pipeline.record import Record
     from pipeline.sources import make_source, read_item
-    from shards.schema import SampleMeta
 
     decode, decode_name = stage_decoder()
     items = list(make_source(src_cfg).plan())
@@ -150,9 +149,7 @@ def _overhead_once(src_cfg, tmp: Path) -> tuple[dict[str, float], int]:
     with writer_cls(out_dir / "shards", max_samples=16) as w:
         for key, image, rec in zip(out["key"], out["image"], out["record"], strict=True):
             r = Record.from_json(rec)
-            meta = SampleMeta.from_dict({"schema_version": 1, "key": key, "image_id": r.image_id, "source": r.source,
-                                         "width": r.width, "height": r.height, "image_ext": r.image_ext,
-                                         "file_name": r.file_name, "captions": r.captions, "segments": r.segments})
+            meta = r.to_sample_meta(str(key))
             w.write(meta, image)
     steps["sample validation + shard write (fsync per shard)"] = time.perf_counter() - t
     return steps, len(items)
