@@ -21,7 +21,7 @@ from benchmarks.gpu.report import BEGIN, END, allocate, render, splice
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _suite(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+def _suite(args: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -5,7 +5,8 @@ a child process (``--child NAME``) with that model's budget, cut to what is left
 a child past its budget (plus ``kill_grace_s``) is killed with its process group, a child that dies
 is recorded with the end of its log, and the next model starts either way. Children write one JSON
 line per measurement as they go (see :mod:`benchmarks.gpu.measure`), so a killed child keeps what it
-measured. At the end: ``OUT/gpu.json`` (records, derived figures, sizing), ``OUT/gpu.md`` and, with
+measured. At the end: ``OUT/gpu.json`` (records, derived figures, sizing, config), ``OUT/gpu.md``,
+``OUT/records.jsonl``, ``OUT/children.log`` (the children's output) and, with
 ``--markdown FILE``, the GPU section of that file replaced. ``--render JSON --markdown FILE`` only
 re-renders a saved result into the Markdown (how ``BENCHMARKS.md`` gets a GPU run's figures).
 """
@@ -94,6 +95,19 @@ def _run_child(name: str, args: argparse.Namespace, out: Path, records: Path, bu
     print(f"[gpu] {name}: {time.time() - t0:.0f} s (exit {rc})", file=sys.stderr, flush=True)
 
 
+def _gather_logs(out: Path, names: list[str]) -> None:
+    """One ``children.log`` instead of a log per child, and no config copy (``gpu.json`` holds the config):
+    OUT keeps four files (``gpu.json``, ``gpu.md``, ``records.jsonl``, ``children.log``), few enough to
+    come back from a remote machine that returns a handful of files."""
+    with (out / "children.log").open("w") as f:
+        for name in names:
+            log = out / f"{name}.log"
+            if log.exists():
+                f.write(f"===== {name} =====\n{log.read_text(errors='replace')}\n")
+                log.unlink()
+    (out / "config.yaml").unlink(missing_ok=True)
+
+
 def _append(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -138,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "gpu.md").write_text(md)
     if args.markdown:
         splice(args.markdown, md)
+    _gather_logs(out, names)
     errors = [r for r in recs if r.get("error")]
     print(f"[gpu] wrote {out / 'gpu.json'} in {time.time() - start:.0f} s; {len(errors)} errors", file=sys.stderr)
     return 0

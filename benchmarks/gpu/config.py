@@ -40,6 +40,7 @@ class ModelBench(_Strict):
     budget_s: float = Field(90.0, gt=0, description="wall-clock budget of this model's child process")
     batch_sizes: list[int] = Field(default_factory=lambda: [1], description="batch sizes of the main measurement")
     compile: bool = Field(True, description="also measure under torch.compile (largest batch that ran eagerly)")
+    iters: int | None = Field(None, ge=1, description="timed calls per measurement; null: the suite's iters")
     arch: dict[str, Any] = Field(default_factory=dict, description="overrides of the architecture config")
 
 

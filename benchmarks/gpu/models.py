@@ -61,7 +61,7 @@ def run_sam(cfg: GpuBenchConfig, rec: Recorder, device: torch.device, dtype: tor
     for b in mc.batch_sizes:
         px = torch.randn(b, 3, side, side, device=device, dtype=dtype, generator=g)
         r = rec.measure("image encoder", b, lambda px=px: model.get_image_embeddings(px), images=b,
-                        warmup=cfg.warmup, iters=cfg.iters, note=f"{side} px padded input")
+                        warmup=cfg.warmup, iters=mc.iters or cfg.iters, note=f"{side} px padded input")
         if r is not None:
             best = (b, px, r["flops"])
     h, w = mc.image_hw
@@ -78,7 +78,7 @@ def run_sam(cfg: GpuBenchConfig, rec: Recorder, device: torch.device, dtype: tor
         return rle.encode((logits[:, 0] > 0).cpu().numpy())
 
     rec.measure("box decoder + RLE", mc.boxes_per_image, boxes_to_rles, images=1, items=mc.boxes_per_image,
-                item="boxes", warmup=cfg.warmup, iters=cfg.iters,
+                item="boxes", warmup=cfg.warmup, iters=mc.iters or cfg.iters,
                 note=f"{mc.boxes_per_image} boxes on one {w}x{h} image: prompt encoder, mask decoder, upscale, RLE")
     if mc.amg:
         amg = AMGConfig(points_per_side=mc.amg_points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -90,7 +90,7 @@ def run_sam(cfg: GpuBenchConfig, rec: Recorder, device: torch.device, dtype: tor
         b, px, flops = best
         encoder = torch.compile(model.get_image_embeddings, **compile_kwargs(cfg.compile_backend, cfg.compile_mode))
         rec.measure("image encoder", b, lambda: encoder(px), images=b, compiled=True, flops=flops,
-                    warmup=cfg.warmup, iters=cfg.iters, note=f"{side} px padded input")
+                    warmup=cfg.warmup, iters=mc.iters or cfg.iters, note=f"{side} px padded input")
 
 
 # --- Grounding DINO ---------------------------------------------------------------------------------
@@ -138,14 +138,14 @@ def run_grounding(name: str, cfg: GpuBenchConfig, rec: Recorder, device: torch.d
     for b in mc.batch_sizes:
         x = inputs(b)
         r = rec.measure("forward", b, torch.inference_mode()(lambda x=x: model(**x)), images=b / per_image, items=b,
-                        item="(image, prompt) pairs", warmup=cfg.warmup, iters=cfg.iters, note=note)
+                        item="(image, prompt) pairs", warmup=cfg.warmup, iters=mc.iters or cfg.iters, note=note)
         if r is not None:
             best = (b, x, r["flops"])
     if _compile_ok(cfg, mc.compile, rec, best):
         b, x, flops = best
         compiled = torch.compile(model, **compile_kwargs(cfg.compile_backend, cfg.compile_mode))
         rec.measure("forward", b, torch.inference_mode()(lambda: compiled(**x)), images=b / per_image, items=b,
-                    item="(image, prompt) pairs", compiled=True, flops=flops, warmup=cfg.warmup, iters=cfg.iters,
+                    item="(image, prompt) pairs", compiled=True, flops=flops, warmup=cfg.warmup, iters=mc.iters or cfg.iters,
                     note=note)
 
 
@@ -176,7 +176,7 @@ def run_llava(cfg: GpuBenchConfig, rec: Recorder, device: torch.device, dtype: t
     best = None
     for b in mc.batch_sizes:
         r = rec.measure("generate", b, gen_fn(b), images=b / mc.prompts_per_image, items=b * n, item="new tokens",
-                        warmup=cfg.warmup, iters=cfg.iters, note=note)
+                        warmup=cfg.warmup, iters=mc.iters or cfg.iters, note=note)
         if r is not None:
             best = (b, r["flops"])
     if _compile_ok(cfg, mc.compile, rec, best):
@@ -188,7 +188,7 @@ def run_llava(cfg: GpuBenchConfig, rec: Recorder, device: torch.device, dtype: t
             cc._compile_all_devices = True  # transformers compiles generate's forward only on accelerators otherwise
         rec.measure("generate", b, gen_fn(b, cache_implementation="static", compile_config=cc),
                     images=b / mc.prompts_per_image, items=b * n, item="new tokens", compiled=True, flops=flops,
-                    warmup=cfg.warmup, iters=cfg.iters, note=note + "; static KV cache, decoding step compiled")
+                    warmup=cfg.warmup, iters=mc.iters or cfg.iters, note=note + "; static KV cache, decoding step compiled")
 
 
 # --- USE: CLIP + DINOv2 features and the training step ------------------------------------------------
@@ -219,7 +219,7 @@ def run_use(cfg: GpuBenchConfig, rec: Recorder, device: torch.device, dtype: tor
     for b in mc.batch_sizes:
         px = pixels(b)
         r = rec.measure("features", b, lambda px=px: features(model.backbones, px), images=b, warmup=cfg.warmup,
-                        iters=cfg.iters, note=note)
+                        iters=mc.iters or cfg.iters, note=note)
         if r is not None:
             best = (b, px, r["flops"])
 
@@ -259,15 +259,15 @@ def run_use(cfg: GpuBenchConfig, rec: Recorder, device: torch.device, dtype: tor
 
         tnote = f"{mc.segments_per_image} segments per image, {s} distinct texts through the CLIP text tower"
         rec.measure("train step (feature cache)", b, lambda c=cached: step(c), images=b, warmup=cfg.warmup,
-                    iters=cfg.iters, note=tnote)
-        rec.measure("train step (images)", b, lambda p=px: step(p), images=b, warmup=cfg.warmup, iters=cfg.iters,
+                    iters=mc.iters or cfg.iters, note=tnote)
+        rec.measure("train step (images)", b, lambda p=px: step(p), images=b, warmup=cfg.warmup, iters=mc.iters or cfg.iters,
                     note=tnote)
         del cached, px
     if _compile_ok(cfg, mc.compile, rec, best):
         b, px, flops = best
         backbones = torch.compile(model.backbones, **compile_kwargs(cfg.compile_backend, cfg.compile_mode))
         rec.measure("features", b, lambda: features(backbones, px), images=b, compiled=True, flops=flops,
-                    warmup=cfg.warmup, iters=cfg.iters, note=note)
+                    warmup=cfg.warmup, iters=mc.iters or cfg.iters, note=note)
 
 
 RUNNERS = {
