@@ -24,7 +24,7 @@ def test_coco_annotation_path_writes_every_instance(shared_data, tmp_path, ray_l
         f"source.captions={root / 'annotations' / 'captions_val2017.json'}", "shards.max_samples=16"])
     summary = run_job(cfg, tmp_path, progress=False)
     assert (summary["images_in"], summary["written"], summary["failed"]) == (40, 40, 0)
-    assert summary["shards"] == 3 and summary["segments"] == 292
+    assert summary["shards"] == 3 and summary["segments"] == 290  # 292 instances, 2 of them iscrowd (skipped)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert shards.read_manifest(tmp_path).num_rows == 40 and shards.read_failures(tmp_path).num_rows == 0
 
@@ -37,7 +37,7 @@ def test_coco_annotation_path_writes_every_instance(shared_data, tmp_path, ray_l
         assert (s.meta.width, s.meta.height) == (info["width"], info["height"])
         assert s.image_bytes == (root / "val2017" / info["file_name"]).read_bytes()  # original bytes
         assert len(s.meta.captions) == 5
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
         assert len(s.meta.segments) == len(anns)
         for seg, ann in zip(s.meta.segments, anns, strict=True):
             assert np.array_equal(rle_utils.decode(seg.rle), coco.annToMask(ann).astype(bool))
