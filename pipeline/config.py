@@ -128,6 +128,16 @@ class ShardsConfig(_Strict):
     max_bytes: int = Field(1 << 30, ge=1, description="bytes per shard (a shard closes once past it)")
     min_segments: int = Field(1, ge=0, description="an image with fewer segments fails (stage nms): the "
                                                    "trainer learns only from segments")
+    writers: int | Literal["driver"] = Field(
+        4, description="write tasks running at once in the Ray workers, each committing whole shards (on a "
+                       "cluster the output must be storage every node reaches); 'driver': the old single "
+                       "writer in the driver process, every image through it (for comparison)")
+
+    @model_validator(mode="after")
+    def _writers(self) -> ShardsConfig:
+        if self.writers != "driver" and self.writers < 1:
+            raise ValueError(f"writers must be a positive number or 'driver', got {self.writers}")
+        return self
 
 
 def _off(cls: type) -> Any:
@@ -148,7 +158,8 @@ class JobConfig(_Strict):
     nms: NmsConfig = Field(default_factory=NmsConfig, description=NmsConfig.__doc__)
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description=ShardsConfig.__doc__)
     ray: RayConfig = Field(default_factory=RayConfig, description=RayConfig.__doc__.split("\n")[0])
-    write_batch_size: int = Field(32, ge=1, description="rows per batch the driver pulls into the shard writer")
+    write_batch_size: int = Field(32, ge=1, description="shards.writers=driver only: rows per batch the driver "
+                                                       "pulls into its shard writer")
 
     @model_validator(mode="after")
     def _impl_names(self) -> JobConfig:
@@ -236,7 +247,7 @@ def one_line(e: ValidationError) -> str:
 _NOT_DATA = {"batch_size", "num_actors", "num_gpus", "num_cpus", "models_dir", "device", "generate_batch_size",
              "prompt_batch_size", "image_batch_size", "pipe_batch_size", "boxes_per_batch", "max_pixels"}
 _NOT_DATA_PATHS = {("ray",), ("write_batch_size",), ("source", "limit"), ("shards", "max_samples"),
-                   ("shards", "max_bytes")}
+                   ("shards", "max_bytes"), ("shards", "writers")}
 
 
 def data_fields(cfg: JobConfig) -> dict[str, Any]:

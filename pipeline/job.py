@@ -1,17 +1,23 @@
-"""The curation job: source rows -> Ray Data stages -> one driver-side shard writer.
+"""The curation job: source rows -> Ray Data stages -> write tasks in the workers -> manifest.
 
 Ray Data is the engine (no scheduler of our own): the planned items become a dataset
 (``from_items``), a CPU task reads each image once, every enabled model stage is a
 ``map_batches`` over a callable class on an ``ActorPoolStrategy`` pool (model loaded once per
-actor, ``num_gpus``/``num_cpus``/batch size from config), and mask NMS is a CPU task. The driver
-streams ``iter_batches`` into a single :class:`shards.ShardWriter`.
+actor, ``num_gpus``/``num_cpus``/batch size from config), mask NMS is a CPU task, and the last
+step is a write task (``shards.writers`` at once, as img2dataset's workers and Ray Data's
+datasinks do) that commits whole shards of ``shards.max_samples`` rows with
+:func:`shards.writer.write_shards` and returns one small row per shard (its name, counts, keys).
+The driver plans, counts those rows for progress, records rows the dataset lost, and builds the
+manifest: no image byte passes through it. (``shards.writers=driver`` keeps the earlier single
+writer in the driver, for comparison.)
 
-Why a single writer: exactly-once. A key is done when it is in a committed shard or in a failure
-record of a committed shard (``shards.done_keys``); a rerun after a crash filters those keys out
-of the inputs *first* and redoes the rest, so every input lands exactly once without coordinating
-several writers. The writer is cheap next to the model stages (tar append + an fsync per shard).
-Failures whose cause is the environment (file missing, permission) are not done: a rerun retries
-them, and ``--retry-failed`` retries every failure.
+Exactly-once: a key is done when it is in a committed shard or in a failure record of a committed
+shard (``shards.done_keys``); a rerun after a crash filters those keys out of the inputs *first*
+and redoes the rest. A write task that Ray re-executes (its worker died after a commit) gets the
+same rows, so the same content-derived shard names, and finds them committed; one that grouped
+its rows differently leaves duplicates, removed from the later shard when the manifest is built
+(``shards.writer.drop_duplicates``). Failures whose cause is the environment (file missing,
+permission) are not done: a rerun retries them, and ``--retry-failed`` retries every failure.
 
 Failures never stop the job: each stage marks ``record.failure`` (see ``pipeline.record``), and a
 stage that raises on a batch is retried row by row so only the rows that raise are failed
@@ -34,6 +40,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -51,6 +58,8 @@ from pipeline.nms import mask_nms
 from pipeline.record import Record, records_of, with_records
 from pipeline.retry import retry_per_item
 from pipeline.sources import SourceError, make_source, read_item
+from shards.schema import SampleMeta
+from shards.writer import write_shards
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,9 @@ COLUMNS = ("key", "image", "record")
 SUMMARY = "summary.json"
 CONFIG_SNAPSHOT = "job_config.yaml"
 LOCK = ".lock"
+#: Test failpoint: a write task exits its process right after its first commit when this names a
+#: file that does not exist yet (it creates it first), so Ray re-executes a task that already committed.
+FAILPOINT_WRITE_EXIT = "USE_FAILPOINT_WRITE_EXIT"
 
 
 class JobRefused(RuntimeError):
@@ -227,6 +239,45 @@ def finalize_batch(batch: dict[str, np.ndarray], *, nms: bool, iou_threshold: fl
                             f"(no annotation and no model stage gave a mask)")
     out = with_records(batch, records)
     return {c: out[c] for c in COLUMNS}
+
+
+def write_batch(batch: dict[str, np.ndarray], *, output: str, prefix: str, max_samples: int, max_bytes: int,
+                run: str) -> dict[str, np.ndarray]:
+    """Rows -> committed shards (a write task in a worker); returns one row per shard for the driver:
+    ``shard``, ``samples``, ``failed`` and ``keys`` (every key it recorded, newline-joined)."""
+    rows = [sample_row(str(k), image, rec) for k, image, rec in zip(batch["key"], batch["image"], records_of(batch),
+                                                                    strict=True)]
+    committed = write_shards(output, prefix, rows, run=run, max_samples=max_samples, max_bytes=max_bytes)
+    _failpoint(FAILPOINT_WRITE_EXIT)
+    return {"shard": _objects([s.shard for s in committed]),
+            "samples": np.array([s.samples for s in committed], dtype=np.int64),
+            "failed": np.array([len(s.failures) for s in committed], dtype=np.int64),
+            "keys": _objects(["\n".join([*(k["key"] for k in s.keys), *(f["key"] for f in s.failures)])
+                              for s in committed])}
+
+
+def sample_row(key: str, image: Any, rec: Record) -> tuple[SampleMeta, bytes] | dict[str, Any]:
+    """A record as a writer row: the typed sample, or a failure (the record's, or ``write`` when the
+    sample would not pass the validator)."""
+    if rec.failure is not None:
+        return {"key": key, "stage": rec.failure.stage, "error": rec.failure.error, "retry": rec.failure.retry}
+    try:
+        meta = rec.to_sample_meta(key)
+    except ValueError as e:  # shards.SchemaError
+        return {"key": key, "stage": "write", "error": f"invalid sample: {e}"}
+    return meta, bytes(image)
+
+
+def _failpoint(name: str) -> None:
+    marker = os.environ.get(name)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    log.error("failpoint %s: exiting this worker after a commit", name)
+    os._exit(1)
 
 
 def _objects(values: list[Any]) -> np.ndarray:
@@ -498,14 +549,12 @@ def _todo(items: list[dict[str, str]], output: Path, retry_failed: bool, finish_
 
 
 def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress: bool, verbose: bool) -> int:
-    """Run the dataset over ``todo`` and write every row; rows the dataset lost become failures."""
+    """Run the dataset over ``todo``, its write tasks committing the shards; rows the dataset lost
+    become failures."""
     import ray
     from ray.data import DataContext
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
-
-    import shards
-    from shards.schema import SampleMeta
 
     ctx = DataContext.get_current()
     saved = (ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.print_on_execution_start)
@@ -513,24 +562,36 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
     ctx.max_errored_blocks = -1  # a block out of retries is dropped (its rows recorded below), not fatal
     ctx.print_on_execution_start = verbose
     ledger = ray.remote(num_cpus=0)(AttemptLedger).remote() if cfg.enabled_stages() else None
-    seen: set[str] = set()
+    run = uuid.uuid4().hex[:12]  # one token per run: a re-executed write task names its shards alike
+    sc = cfg.shards
     try:
         ds = build_dataset(cfg, todo, ledger)
-        with logging_redirect_tqdm(), tqdm(total=len(todo), desc="curate", unit="img", disable=not progress) as bar, \
-                shards.ShardWriter(output, prefix=cfg.shards.prefix, max_samples=cfg.shards.max_samples,
-                                   max_bytes=cfg.shards.max_bytes) as writer:
-            for batch in ds.iter_batches(batch_size=cfg.write_batch_size, batch_format="numpy"):
-                for key, image, rec in zip(batch["key"], batch["image"], records_of(batch), strict=True):
-                    _write_one(writer, str(key), image, rec, SampleMeta)
-                    seen.add(str(key))
-                bar.update(len(batch["key"]))
-            lost = [it["key"] for it in todo if it["key"] not in seen]
-            for key in lost:
-                writer.add_failure(key, "job", f"lost: its batch failed more than ray.max_task_retries="
-                                               f"{cfg.ray.max_task_retries} times (a worker kept dying); "
-                                               f"rerun with --retry-failed to try again")
-            if lost:
-                log.warning("%d inputs were lost by the dataset and recorded as failures", len(lost))
+        with logging_redirect_tqdm(), tqdm(total=len(todo), desc="curate", unit="img", disable=not progress) as bar:
+            if sc.writers == "driver":
+                seen = _drive_writer(cfg, ds, output, bar)
+            else:
+                ds = ds.map_batches(write_batch, batch_format="numpy", batch_size=sc.max_samples,
+                                    num_cpus=cfg.ray.task_cpus, max_retries=cfg.ray.task_retries,
+                                    compute=ray.data.TaskPoolStrategy(size=sc.writers),
+                                    fn_kwargs={"output": str(output.resolve()), "prefix": sc.prefix,
+                                               "max_samples": sc.max_samples, "max_bytes": sc.max_bytes, "run": run})
+                seen = set()
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    for keys in batch["keys"]:
+                        if keys:
+                            got = keys.split("\n")
+                            seen.update(got)
+                            bar.update(len(got))
+        lost = [it["key"] for it in todo if it["key"] not in seen]
+        if lost:  # a write task out of retries may still have committed before its worker died
+            written, failed = shards_done(output)
+            lost = [k for k in lost if k not in written and k not in failed]
+        if lost:
+            error = (f"lost: its batch failed more than ray.max_task_retries={cfg.ray.max_task_retries} times (a "
+                     f"worker kept dying); rerun with --retry-failed to try again")
+            write_shards(output, sc.prefix, [{"key": k, "stage": "job", "error": error} for k in lost], run=run,
+                         max_samples=sc.max_samples, max_bytes=sc.max_bytes)
+            log.warning("%d inputs were lost by the dataset and recorded as failures", len(lost))
     finally:
         ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.print_on_execution_start = saved
         if ledger is not None:
@@ -538,19 +599,35 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
     return len(todo)
 
 
-def _write_one(writer: Any, key: str, image: Any, rec: Record, meta_cls: Any) -> None:
-    if key in writer:  # a re-executed Ray task delivered this row again: the first copy stands
-        log.warning("%s arrived twice from the dataset; keeping the first", key)
-        return
-    if rec.failure is not None:
-        writer.add_failure(key, rec.failure.stage, rec.failure.error, retry=rec.failure.retry)
-        return
-    try:
-        meta = rec.to_sample_meta(key)
-    except ValueError as e:  # shards.SchemaError: the sample would not pass the validator
-        writer.add_failure(key, "write", f"invalid sample: {e}")
-        return
-    writer.write(meta, bytes(image))
+def shards_done(output: Path) -> tuple[set[str], set[str]]:
+    """Keys committed as samples and as failures this far (without touching temp files)."""
+    import shards
+
+    written, _ = shards.done_keys(output, finish_commits=False)
+    return written, set(shards.failure_records(output, finish_commits=False))
+
+
+def _drive_writer(cfg: JobConfig, ds: Any, output: Path, bar: Any) -> set[str]:
+    """``shards.writers=driver``: every row through one :class:`shards.ShardWriter` in this process."""
+    import shards
+
+    seen: set[str] = set()
+    with shards.ShardWriter(output, prefix=cfg.shards.prefix, max_samples=cfg.shards.max_samples,
+                            max_bytes=cfg.shards.max_bytes) as writer:
+        for batch in ds.iter_batches(batch_size=cfg.write_batch_size, batch_format="numpy"):
+            for key, image, rec in zip(batch["key"], batch["image"], records_of(batch), strict=True):
+                key = str(key)
+                if key in writer:  # a re-executed Ray task delivered this row again: the first copy stands
+                    log.warning("%s arrived twice from the dataset; keeping the first", key)
+                    continue
+                row = sample_row(key, image, rec)
+                if isinstance(row, dict):
+                    writer.add_failure(row["key"], row["stage"], row["error"], retry=bool(row.get("retry")))
+                else:
+                    writer.write(*row)
+                seen.add(key)
+            bar.update(len(batch["key"]))
+    return seen
 
 
 def _snapshot_config(cfg: JobConfig, output: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .writer import list_shards, read_stats, recover, stats_path
+from .writer import commit_order, drop_duplicates, recover
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,21 @@ _FAILURE_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string()), ("sta
 
 
 def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``manifest.parquet`` and ``failures.parquet`` for every committed shard in ``out_dir``."""
+    """Write ``manifest.parquet`` and ``failures.parquet`` for every committed shard in ``out_dir``.
+
+    First the crash leftovers are finished (:func:`shards.writer.recover`) and a key that a
+    re-executed write task committed twice is removed from the later shard
+    (:func:`shards.writer.drop_duplicates`): only once no writer runs.
+    """
     out_dir = Path(out_dir)
     recover(out_dir)
+    drop_duplicates(out_dir)
     rows, failures = [], {}
-    for tar in list_shards(out_dir):
-        if not stats_path(tar).exists():  # not written by ShardWriter (or copied without it): read the tar
+    for tar, stats in commit_order(out_dir):
+        if stats is None:  # not written by a shards writer (or copied without its stats): read the tar
             log.warning("%s has no stats file; its manifest rows are read from the tar", tar.name)
             rows.extend(_rows_from_tar(tar))
             continue
-        stats = read_stats(tar)
         rows.extend({"shard": stats.shard, **{k: row[k] for k in _MANIFEST_SCHEMA.names[1:]}} for row in stats.keys)
         for f in stats.failures:  # a rerun's record of a key supersedes an earlier failure (retried inputs)
             failures.pop(f["key"], None)

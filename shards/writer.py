@@ -1,21 +1,32 @@
-"""Atomic, resumable shard writer.
+"""Atomic, resumable shard writers.
 
-A shard is the pair ``PREFIX-NNNNNN.tar`` + ``PREFIX-NNNNNN.stats.json``. Both are written under a
+A shard is the pair ``PREFIX-ID.tar`` + ``PREFIX-ID.stats.json``. Both are written under a
 temporary name and renamed in a fixed order (tar, then stats), so a crash at any instant leaves
 either nothing under a final name or a complete tar; :func:`recover` finishes or removes what a
 crash left. The stats files are the job's state (as in img2dataset): they list every key written
 and every failure recorded in that shard, so a rerun knows exactly which inputs are done.
+
+Two writers share that commit: :class:`ShardWriter`, one process streaming numbered shards
+(``ID`` = ``NNNNNN``, in commit order), and :func:`write_shards`, called by many write tasks at once
+(the curation job's Ray workers): each call commits whole shards named by their content (``ID`` =
+16 hex digits of a hash of the run token and the shard's keys), so a task that Ray re-executes on
+the same input finds its shards already committed and writes nothing twice. A re-execution that
+grouped the keys differently (new names) leaves a key in two shards; :func:`drop_duplicates`
+removes the later copies by a fixed rule when the manifest is built.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import tarfile
 import time
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +36,8 @@ from .schema import IMAGE_EXTENSIONS, SampleMeta, is_valid_key
 
 log = logging.getLogger(__name__)
 
-_SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{6})\.tar$")
+_SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{6}|[0-9a-f]{16})\.tar$")
+_DIGITS = 6  # numbered shards (ShardWriter); content-named ones (write_shards) have 16 hex digits
 #: Shard prefixes name files inside the output directory: no separators, dots or spaces.
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -39,8 +51,16 @@ def stats_path(tar_path: Path | str) -> Path:
     return p.with_name(p.name.removesuffix(".tar") + ".stats.json")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+def _tmp(path: Path, token: str = "") -> Path:
+    """The temporary name of ``path``; a ``token`` keeps concurrent attempts at one shard apart."""
+    return path.with_name(f".{path.name}.{token}.tmp" if token else f".{path.name}.tmp")
+
+
+def _final_of(tmp: Path) -> Path:
+    name = tmp.name[1:-len(".tmp")]
+    if not name.endswith((".tar", ".stats.json")):
+        name = name.rsplit(".", 1)[0]  # drop the attempt token
+    return tmp.with_name(name)
 
 
 @dataclass
@@ -57,6 +77,44 @@ class ShardStats:
     failures: list[dict] = field(default_factory=list)  # {key, stage, error}
     sources: dict[str, int] = field(default_factory=dict)  # text source -> count
     created: float = 0.0
+    run: str = ""  # the job run that wrote it (write_shards); part of a content-named shard's name
+
+    def add_sample(self, meta: SampleMeta) -> None:
+        n_texts = sum(len(s.texts) for s in meta.segments)
+        self.samples += 1
+        self.segments += len(meta.segments)
+        self.texts += n_texts
+        for s in meta.segments:
+            for t in s.texts:
+                self.sources[t.source] = self.sources.get(t.source, 0) + 1
+        self.keys.append({"key": meta.key, "image_id": meta.image_id, "source": meta.source, "width": meta.width,
+                          "height": meta.height, "segments": len(meta.segments), "texts": n_texts})
+
+
+def _members(meta: SampleMeta, image_bytes: bytes, extras: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    if not is_valid_key(meta.key):
+        raise ValueError(f"invalid key {meta.key!r}: use shards.make_key (no dots)")
+    if meta.image_ext not in IMAGE_EXTENSIONS:
+        raise ValueError(f"image_ext {meta.image_ext!r} not in {IMAGE_EXTENSIONS}")
+    members = {"json": json.dumps(meta.to_dict(), separators=(",", ":")).encode(), meta.image_ext: image_bytes}
+    members.update(extras or {})
+    return members
+
+
+def _commit(tmp: Path, final: Path, stats: ShardStats, token: str = "") -> None:
+    """Publish a closed, fsynced temp tar: stats temp written, then tar renamed, then stats renamed.
+
+    Both temp files are on disk before either rename: a tar under its final name always has its
+    stats (final or temp, which :func:`recover` commits once it checks the hash), even after a power loss.
+    """
+    stats.sha256 = file_sha256(tmp)
+    stats.created = time.time()
+    st_final = stats_path(final)
+    st_tmp = _tmp(st_final, token)
+    _write_synced(st_tmp, json.dumps(stats.__dict__, indent=1).encode())
+    os.replace(tmp, final)
+    os.replace(st_tmp, st_final)
+    _fsync_dir(final.parent)  # the renames themselves survive a power loss
 
 
 class ShardWriter:
@@ -88,27 +146,13 @@ class ShardWriter:
     # -- public API -------------------------------------------------------------------------
     def write(self, meta: SampleMeta, image_bytes: bytes, extras: dict[str, bytes] | None = None) -> None:
         """Add one sample: ``meta`` as ``KEY.json``, the image as ``KEY.<meta.image_ext>``."""
-        if not is_valid_key(meta.key):
-            raise ValueError(f"invalid key {meta.key!r}: use shards.make_key (no dots)")
-        if meta.image_ext not in IMAGE_EXTENSIONS:
-            raise ValueError(f"image_ext {meta.image_ext!r} not in {IMAGE_EXTENSIONS}")
+        members = _members(meta, image_bytes, extras)
         if meta.key in self._keys:
             raise ValueError(f"key {meta.key!r} written twice in this job")
         self._keys.add(meta.key)
-        members = {"json": json.dumps(meta.to_dict(), separators=(",", ":")).encode(), meta.image_ext: image_bytes}
-        for ext, data in (extras or {}).items():
-            members[ext] = data
         stats = self._open()
         stats.bytes += self._tar.write({"__key__": meta.key, **members})
-        n_texts = sum(len(s.texts) for s in meta.segments)
-        stats.samples += 1
-        stats.segments += len(meta.segments)
-        stats.texts += n_texts
-        for s in meta.segments:
-            for t in s.texts:
-                stats.sources[t.source] = stats.sources.get(t.source, 0) + 1
-        stats.keys.append({"key": meta.key, "image_id": meta.image_id, "source": meta.source, "width": meta.width,
-                           "height": meta.height, "segments": len(meta.segments), "texts": n_texts})
+        stats.add_sample(meta)
         if stats.samples >= self.max_samples or stats.bytes >= self.max_bytes:
             self.flush()
 
@@ -136,17 +180,7 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         final = self.out_dir / self._stats.shard
-        tmp = _tmp(final)
-        self._stats.sha256 = file_sha256(tmp)
-        self._stats.created = time.time()
-        st_final = stats_path(final)
-        st_tmp = _tmp(st_final)
-        _write_synced(st_tmp, json.dumps(self._stats.__dict__, indent=1).encode())
-        # Both temp files are on disk before either rename: a tar under its final name always has its
-        # stats (final or temp, which recover() commits), even after a power loss.
-        os.replace(tmp, final)
-        os.replace(st_tmp, st_final)
-        _fsync_dir(self.out_dir)  # the renames themselves survive a power loss
+        _commit(_tmp(final), final, self._stats)
         log.info("wrote %s: %d samples, %d segments, %d failures", final.name, self._stats.samples,
                  self._stats.segments, len(self._stats.failures))
         self._tar = self._file = self._stats = None
@@ -222,21 +256,168 @@ def list_shards(out_dir: str | Path, prefix: str | None = None) -> list[Path]:
 
 
 def next_index(out_dir: str | Path, prefix: str) -> int:
-    shards = list_shards(out_dir, prefix)
-    return int(_SHARD_RE.match(shards[-1].name)["index"]) + 1 if shards else 0
+    """The number after the last numbered shard (content-named shards do not count)."""
+    numbers = [int(i) for i in (_SHARD_RE.match(t.name)["index"] for t in list_shards(out_dir, prefix))
+               if len(i) == _DIGITS]
+    return max(numbers) + 1 if numbers else 0
 
 
 def recover(out_dir: str | Path) -> None:
-    """Finish or discard what a crash left: commit a stats temp file whose tar is final, delete the rest."""
+    """Finish or discard what a crash left: commit a stats temp file whose tar is final and has the
+    hash it names (not one of another attempt at the same shard), delete the rest.
+
+    Only while no writer runs (the job calls it before its write tasks start and after they end).
+    """
     out_dir = Path(out_dir)
-    for tmp in out_dir.glob(".*.tmp"):
-        final = tmp.with_name(tmp.name[1:-len(".tmp")])
-        if final.name.endswith(".stats.json") and final.with_name(final.name.replace(".stats.json", ".tar")).exists():
+    for tmp in sorted(out_dir.glob(".*.tmp")):
+        final = _final_of(tmp)
+        tar = final.with_name(final.name.removesuffix(".stats.json") + ".tar")
+        if final.name.endswith(".stats.json") and tar.exists() and _stats_sha(tmp) == file_sha256(tar):
             os.replace(tmp, final)
             log.warning("recovered %s after an interrupted commit", final.name)
         else:
             tmp.unlink(missing_ok=True)
             log.warning("removed %s left by an interrupted job", tmp.name)
+
+
+def _stats_sha(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def commit_order(out_dir: str | Path) -> list[tuple[Path, ShardStats | None]]:
+    """Committed shards with their stats, oldest commit first (numbered shards have no other order
+    than their numbers; content-named ones have their commit time); ``None`` for a tar without stats
+    (placed by its modification time)."""
+    rows = []
+    for tar in list_shards(out_dir):
+        st = read_stats(tar) if stats_path(tar).exists() else None
+        rows.append((st.created if st else tar.stat().st_mtime, tar.name, tar, st))
+    return [(tar, st) for _, _, tar, st in sorted(rows, key=lambda r: r[:2])]
+
+
+# -- many writers: whole shards per call, named by content -----------------------------------------
+Row = tuple[SampleMeta, bytes] | dict  # a sample, or a failure record {key, stage, error[, retry]}
+
+
+def _member_bytes(members: dict[str, bytes]) -> int:
+    return sum(512 + -(-len(v) // 512) * 512 for v in members.values())  # tar header + padded data
+
+
+def write_shards(out_dir: str | Path, prefix: str, rows: Iterable[Row], *, run: str, max_samples: int = 1000,
+                 max_bytes: int = 1 << 30) -> list[ShardStats]:
+    """Commit ``rows`` as whole shards of at most ``max_samples`` samples (closed once past ``max_bytes``).
+
+    The write half of a Ray Data datasink, for many concurrent callers: no shared counter, no
+    :func:`recover` (which would delete the others' temp files). A shard is named
+    ``PREFIX-<hash of run and its keys>``; when that shard's stats already exist (an earlier attempt of
+    this same task committed it before its worker died) it is returned as it is, not written again.
+    Failures ride along in the stats of the shard they are grouped with, as in :class:`ShardWriter`.
+    """
+    if not PREFIX_RE.match(prefix):
+        raise ValueError(f"shard prefix {prefix!r} must match {PREFIX_RE.pattern}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: list[list[tuple[Row, dict[str, bytes] | None]]] = [[]]
+    n = size = 0
+    for row in rows:
+        members = None if isinstance(row, dict) else _members(*row)
+        groups[-1].append((row, members))
+        if members is not None:
+            n, size = n + 1, size + _member_bytes(members)
+            if n >= max_samples or size >= max_bytes:
+                groups.append([])
+                n = size = 0
+    return [_write_group(out_dir, prefix, group, run) for group in groups if group]
+
+
+def _key(row: Row) -> str:
+    return row["key"] if isinstance(row, dict) else row[0].key
+
+
+def _write_group(out_dir: Path, prefix: str, group: list[tuple[Row, dict[str, bytes] | None]], run: str) -> ShardStats:
+    keys = sorted(_key(r) for r, _ in group)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a key appears twice in one write: {sorted({k for k in keys if keys.count(k) > 1})[:3]}")
+    digest = hashlib.blake2b("\n".join([run, *keys]).encode(), digest_size=8).hexdigest()
+    final = out_dir / f"{prefix}-{digest}.tar"
+    if stats_path(final).exists():
+        log.info("%s was committed by an earlier attempt of this write; kept", final.name)
+        return read_stats(final)
+    token = uuid.uuid4().hex[:12]
+    tmp = _tmp(final, token)
+    stats = ShardStats(shard=final.name, run=run)
+    try:
+        with open(tmp, "wb") as f:
+            tar = wds.TarWriter(f, encoder=False, mtime=0)
+            for row, members in group:
+                if members is None:
+                    stats.failures.append({"key": row["key"], "stage": row["stage"], "error": str(row["error"]),
+                                          **({"retry": True} if row.get("retry") else {})})
+                    continue
+                stats.bytes += tar.write({"__key__": row[0].key, **members})
+                stats.add_sample(row[0])
+            tar.close()
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, final, stats, token)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s: %d samples, %d failures", final.name, stats.samples, len(stats.failures))
+    return stats
+
+
+def drop_duplicates(out_dir: str | Path) -> dict[str, list[str]]:
+    """Remove every copy but the first of a key written into more than one shard; returns
+    ``{shard: keys removed}``.
+
+    Only a write task re-executed on a different grouping of its rows can do that (the same grouping
+    gives the same shard names, see :func:`write_shards`). The rule is fixed: the copy in the shard
+    committed first (:func:`commit_order`) stays; the later shards are rewritten without the key
+    (temp tar, stats, renames: the same atomic commit), so readers of the tars see each key once.
+    """
+    seen: set[str] = set()
+    drops: dict[Path, set[str]] = {}
+    for tar, st in commit_order(out_dir):
+        if st is None:
+            continue
+        keys = [k["key"] for k in st.keys]
+        dup = seen.intersection(keys)
+        if dup:
+            drops[tar] = dup
+        seen.update(keys)
+    for tar, keys in drops.items():
+        log.warning("%s: %d key(s) also in an earlier shard (a re-executed write task); removing them here",
+                    tar.name, len(keys))
+        _rewrite_without(tar, keys)
+    return {tar.name: sorted(keys) for tar, keys in drops.items()}
+
+
+def _rewrite_without(tar_path: Path, drop: set[str]) -> None:
+    old = read_stats(tar_path)
+    stats = ShardStats(shard=old.shard, failures=old.failures, run=old.run)
+    token = uuid.uuid4().hex[:12]
+    tmp = _tmp(tar_path, token)
+    try:
+        with tarfile.open(tar_path) as src, open(tmp, "wb") as f:
+            out = tarfile.open(fileobj=f, mode="w")  # same members, byte for byte, minus the dropped keys
+            for m in src:
+                key = m.name.split(".", 1)[0]
+                if key in drop:
+                    continue
+                data = src.extractfile(m).read() if m.isfile() else None
+                out.addfile(m, None if data is None else io.BytesIO(data))
+                if m.name.endswith(".json") and data is not None:
+                    stats.add_sample(SampleMeta.from_dict(json.loads(data)))
+            out.close()
+            f.flush()
+            os.fsync(f.fileno())
+        stats.bytes = tmp.stat().st_size
+        _commit(tmp, tar_path, stats, token)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_stats(tar_path: Path | str) -> ShardStats:
@@ -265,16 +446,14 @@ def _records(out_dir: str | Path, finish_commits: bool = True) -> tuple[set[str]
         recover(out_dir)
     written: set[str] = set()
     failures: dict[str, dict] = {}
-    for tar in list_shards(out_dir):
-        st = stats_path(tar)
-        if not st.exists():
+    for tar, stats in commit_order(out_dir):
+        if stats is None:
             if not finish_commits:  # its stats may still be a temp file of a commit in progress
                 continue
             log.warning("%s has no stats file; its keys are taken from the tar", tar.name)
             with tarfile.open(tar) as tf:
                 written.update(m.name.split(".", 1)[0] for m in tf.getmembers())
             continue
-        stats = read_stats(tar)
         written.update(k["key"] for k in stats.keys)
         failures.update((f["key"], f) for f in stats.failures)
     return written, {k: f for k, f in failures.items() if k not in written}
