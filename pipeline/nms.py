@@ -132,6 +132,7 @@ def nms_keep(rles: list[dict[str, Any]], scores: np.ndarray | list[float], thres
     owner_orig[order] = order[owner]
     return order[kept], owner_orig
 
+
 def mask_nms(segments: list[Segment], threshold: float) -> list[Segment]:
     """NMS over shard segments; the texts of suppressed segments are merged into their keeper.
     Returns new segments in descending score order (ids unchanged: the caller renumbers)."""
