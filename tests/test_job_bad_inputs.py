@@ -75,7 +75,7 @@ def _bad_dataset(root):
 
 EXPECTED = {  # file -> (stage, words of the reason); None = handled and written
     "zero.jpg": ("read", "0 bytes"), "truncated.jpg": ("read", "truncated"),
-    "notimage.jpg": ("read", "not an image"), "onepixel.png": ("read", "1x1, smaller than"),
+    "notimage.jpg": ("read", "not an image"), "onepixel.png": ("read", "1x1 is smaller than"),
     "bomb.png": ("read", "decompression-bomb"), "missing.jpg": ("read", "not found"),
     "unreadable.jpg": ("read", "not a regular file"), "fifo.png": ("read", "not a regular file"),
     "escape.png": ("read", "outside --images"), "far.png": ("source", "outside the 48x32 image"),

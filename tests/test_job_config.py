@@ -24,7 +24,8 @@ def test_every_shipped_config_loads():
 def test_dotted_overrides_parse_yaml_values_and_compose():
     cfg = load_config("pipeline/configs/coco.yaml", [
         "shards.max_samples=100", "grounder.box_threshold=0.3", "captioner.enabled=false",
-        "source.extensions=[.png]", "captioner.prompts={scene: Describe it.}", "ray.address="])
+        "source.extensions=[.png]", "captioner.prompts={scene: Describe it.}", "captioner.max_new_tokens={scene: 64}",
+        "ray.address="])
     assert cfg.shards.max_samples == 100 and cfg.grounder.box_threshold == 0.3
     assert cfg.enabled_stages() == ["phrases", "grounder", "segmenter"]
     assert cfg.source.extensions == [".png"] and cfg.captioner.prompts == {"scene": "Describe it."}
