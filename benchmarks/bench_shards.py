@@ -62,7 +62,7 @@ def run() -> Section:
         *entry_table([entry]), "",
         f"Raw: `tarfile` reads every member's bytes ({raw_rate:.0f} samples/s). Ours: `shards.iter_samples` "
         "(webdataset, member allow-list, JSON -> typed `SampleMeta` with the schema's checks, every segment's RLE "
-        f"counts parsed and checked against the image size ({our_rate:.0f} samples/s, {n_segments / n_samples:.1f} segments per sample). "
+        f"counts parsed and checked against the image size) ({our_rate:.0f} samples/s, {n_segments / n_samples:.1f} segments per sample). "
         "Where our time goes, one pass over the shards:", "", *profile,
     ])
     return Section(md, [entry])

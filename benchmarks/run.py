@@ -46,14 +46,15 @@ def run_module(name: str) -> Section:
 
 def gpu_section(path: Path = GPU_RESULTS) -> str:
     """The GPU suite's Markdown from its saved JSON, or how to produce it."""
-    from benchmarks.gpu.report import render
+    from benchmarks.gpu.report import BEGIN, END, render
 
     if path.is_file():
         return render(json.loads(path.read_text()))
-    return ("## GPU suite (`benchmarks/gpu`)\n\nNot run on a GPU yet. On a machine with one GPU: "
+    return (f"{BEGIN}\n## GPU suite (`benchmarks/gpu`)\n\nNot run on a GPU yet. On a machine with one GPU: "
             "`python -m benchmarks.gpu --out outputs/bench/gpu` (under 8 minutes on an H100/H200-class GPU), "
             f"then copy `outputs/bench/gpu/gpu.json` to `{GPU_RESULTS.relative_to(ROOT)}` and run "
-            "`python -m benchmarks.gpu --render benchmarks/results/gpu.json --markdown BENCHMARKS.md`.\n")
+            "`python -m benchmarks.gpu --render benchmarks/results/gpu.json --markdown BENCHMARKS.md` "
+            f"(`make bench-gpu` does all three).\n{END}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
