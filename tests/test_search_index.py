@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from evaluation.search.query import SegmentIndex, TextQuery
 from evaluation.search.store import IndexFormatError
 from pipeline.synth import CLASSES
 from shards import iter_samples
+from shards.browse.site import build_site
 
 FILES = ("index.json", "vectors.npy", "rows.parquet")
 
@@ -198,3 +200,19 @@ def test_ray_actors_build_the_same_index(synth_model_dir, synth_val_shards, val_
     assert ray_index.rows.equals(local.rows)  # same rows in the same (shard-name) order
     np.testing.assert_allclose(np.asarray(ray_index.vectors, np.float32), np.asarray(local.vectors, np.float32),
                                atol=2e-3)  # float16 of the same float32 math (thread counts may differ)
+
+
+def test_html_export_for_the_browser(val_index, synth_val_shards, tmp_path):
+    site = tmp_path / "site"
+    build_site(synth_val_shards, site)
+    assert (site / "search-index.js").read_text().strip() == "window.USE_SEARCH = null;"
+    assert eval_main(["query", str(val_index), "--html", str(site)]) == 0
+    text = (site / "search-index.js").read_text()
+    doc = json.loads(text.removeprefix("window.USE_SEARCH = ").rstrip().rstrip(";"))
+    index = SegmentIndex(val_index)
+    assert len(doc["segments"]) == len(index) and set(CLASSES) <= set(doc["texts"])
+    vec = np.frombuffer(base64.b64decode(doc["vectors"]), "<f2").reshape(len(index), doc["dim"])
+    assert np.array_equal(vec, np.asarray(index.vectors))
+    build_site(synth_val_shards, site)  # a rebuild keeps the exported query data
+    assert (site / "search-index.js").read_text() == text
+    assert eval_main(["query", str(val_index), "--html", str(tmp_path / "nosite")]) == 2
