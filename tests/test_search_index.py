@@ -193,7 +193,7 @@ def test_corrupt_foreign_and_unfinished_indexes(val_index, synth_model_dir, synt
 
 @pytest.mark.slow
 def test_ray_actors_build_the_same_index(synth_model_dir, synth_val_shards, val_index, tmp_path):
-    cfg = IndexConfig.load(None, ["ray.mode=on", "ray.num_actors=1", "ray.local_num_cpus=2"])
+    cfg = IndexConfig.load(None, ["ray.mode=ray", "ray.num_actors=1", "ray.local_num_cpus=2"])
     res = build_index(synth_model_dir, synth_val_shards, tmp_path / "ray", cfg, progress=False)
     assert res["done"] and res["embedded"] == 3
     ray_index, local = SegmentIndex(tmp_path / "ray"), SegmentIndex(val_index)

@@ -103,7 +103,7 @@ def _query(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``index`` and ``query`` to the ``python -m evaluation`` parser."""
     p = sub.add_parser("index", help="embed every segment of a shard set into a searchable index",
-                       description="USE embedding of every segment (batched; Ray Data actors with ray.mode=on or "
+                       description="USE embedding of every segment (batched; Ray Data actors with ray.mode=ray or "
                                    "a RAY_ADDRESS) -> OUTPUT/vectors.npy (float16, unit), rows.parquet, ivf.faiss "
                                    "above flat_max segments, index.json. Resumable shard by shard.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

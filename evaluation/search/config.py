@@ -41,9 +41,10 @@ class IVFConfig(_Strict):
 class RayIndexConfig(_Strict):
     """Where shards are embedded: Ray Data actors (one model load per actor) or this process."""
 
-    mode: Literal["auto", "on", "off"] = Field(
+    mode: Literal["auto", "ray", "local"] = Field(
         "auto", description="auto: Ray when ray.address or RAY_ADDRESS names a cluster, else in this process; "
-                            "on: always Ray (a local one when no address); off: never")
+                            "ray: always Ray (a local one when no address); local: never (not on/off: YAML "
+                            "reads those as booleans)")
     address: str = Field("", description="cluster to join; empty: RAY_ADDRESS")
     num_actors: int = Field(1, ge=1, description="embedding actors (one per GPU on a GPU cluster)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")

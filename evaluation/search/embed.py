@@ -124,7 +124,7 @@ class EmbedActor:
 def use_ray(cfg: IndexConfig) -> bool:
     if cfg.ray.mode == "auto":
         return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    return cfg.ray.mode == "on"
+    return cfg.ray.mode == "ray"
 
 
 def embed_on_ray(checkpoint: str, tars: list[Path], cfg: IndexConfig, shas: dict[str, str]) -> Iterator[Part]:
