@@ -81,6 +81,10 @@ class ReadConfig(_Strict):
     follow_symlinks_outside: bool = Field(False, description="read files whose symlinks resolve outside "
                                                              "source.images (refused by default)")
     batch_size: int = Field(16, ge=1, description="images per read task batch")
+    exif: Literal["reject", "trust"] = Field(
+        "reject", description="annotated images with an EXIF orientation other than 1: reject (annotations are "
+                              "taken to be in the stored frame, so masks would not line up) or trust (annotations "
+                              "were drawn on the oriented image and are used as they are)")
 
     def policy(self) -> ReadPolicy:
         """The one decoder's policy (``shards.image``) that the read step and every model stage apply."""

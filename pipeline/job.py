@@ -86,11 +86,11 @@ class ModelsMissing(ConfigError):
 
 # -- the Ray Data transforms (run in workers) ---------------------------------------------------
 def read_batch(batch: dict[str, np.ndarray], *, min_side: int, max_pixels: int, verify: str, max_bytes: int,
-               follow_symlinks_outside: bool) -> dict[str, np.ndarray]:
+               follow_symlinks_outside: bool, exif: str = "reject") -> dict[str, np.ndarray]:
     """Planned items -> rows ``{key, image, record}``: read each image once, check it, fill the record."""
     n = len(batch["key"])
     rows = [read_item({k: batch[k][i] for k in batch}, min_side=min_side, max_pixels=max_pixels, verify=verify,
-                      max_bytes=max_bytes, follow_symlinks_outside=follow_symlinks_outside)
+                      max_bytes=max_bytes, follow_symlinks_outside=follow_symlinks_outside, exif=exif)
             for i in range(n)]
     return {c: _objects([r[c] for r in rows]) for c in COLUMNS}
 
@@ -304,7 +304,8 @@ def build_dataset(cfg: JobConfig, items: list[dict[str, str]], ledger: Any = Non
     ds = ds.map_batches(read_batch, batch_format="numpy", batch_size=r.batch_size, num_cpus=cfg.ray.task_cpus,
                         max_retries=cfg.ray.task_retries,
                         fn_kwargs={"min_side": r.min_side, "max_pixels": r.max_pixels, "verify": r.verify,
-                                   "max_bytes": r.max_bytes, "follow_symlinks_outside": r.follow_symlinks_outside})
+                                   "max_bytes": r.max_bytes, "follow_symlinks_outside": r.follow_symlinks_outside,
+                                   "exif": r.exif})
     for name in cfg.enabled_stages():
         stage = getattr(cfg, name)
         if "read" in type(stage).model_fields:  # decode under the read step's policy

@@ -37,7 +37,7 @@ def write_synth_shards(synth_dir: Path, out_dir: Path, image_ids: list[int] | No
         items = [it for it in items if it["key"] in wanted]
     r = cfg.read
     rows = read_batch(_columns(items), min_side=r.min_side, max_pixels=r.max_pixels, verify=r.verify,
-                      max_bytes=r.max_bytes, follow_symlinks_outside=r.follow_symlinks_outside)
+                      max_bytes=r.max_bytes, follow_symlinks_outside=r.follow_symlinks_outside, exif=r.exif)
     rows = finalize_batch(rows, nms=cfg.nms.enabled, iou_threshold=cfg.nms.iou_threshold,
                           min_segments=cfg.shards.min_segments)
     records = records_of(rows)

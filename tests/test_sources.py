@@ -347,3 +347,35 @@ def test_coco_crowd_regions_are_skipped_unless_kept(shared_data):
         crowd = sum(a["iscrowd"] for a in all_anns)
         assert crowd == 1 and counts[True][key] == len(all_anns) and counts[False][key] == len(all_anns) - crowd
     assert sum(counts[True].values()) - sum(counts[False].values()) == 2
+
+
+@pytest.mark.parametrize("orientation", [3, 2, 6])
+def test_annotated_image_with_exif_orientation_fails_unless_trusted(tmp_path, orientation):
+    """A square image rotated by EXIF keeps its size, so only the orientation tells that COCO's masks
+    (drawn on the stored pixels) would land on the wrong pixels: it fails with the reason, unless
+    ``read.exif=trust`` says the annotations are in the oriented frame. Orientation 1 always passes."""
+    paths = write_coco(tmp_path, {"rot.jpg": None, "plain.jpg": (48, 48)}, declared={"rot.jpg": (48, 48)})
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(paths["images"] / "rot.jpg", exif=exif)
+    src = CocoSource("coco", str(paths["images"]), str(paths["annotations"]))
+    rejected = {Record.from_json(r["record"]).file_name: Record.from_json(r["record"]) for r in src.rows(min_side=1)}
+    assert rejected["plain.jpg"].failure is None
+    assert rejected["rot.jpg"].failure is not None and rejected["rot.jpg"].failure.stage == "read"
+    assert f"EXIF orientation {orientation}" in rejected["rot.jpg"].failure.error
+    assert "read.exif=trust" in rejected["rot.jpg"].failure.error
+    trusted = {Record.from_json(r["record"]).file_name: Record.from_json(r["record"])
+               for r in src.rows(min_side=1, exif="trust")}
+    assert trusted["rot.jpg"].failure is None and len(trusted["rot.jpg"].segments) == 1
+
+
+def test_folder_images_with_exif_orientation_are_read(tmp_path):
+    """No annotations, nothing to misalign: a folder image is shown in its EXIF orientation."""
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(images / "a.jpg", exif=exif)
+    rec = Record.from_json(next(FolderSource("folder", str(images)).rows(min_side=1))["record"])
+    assert rec.failure is None and (rec.width, rec.height) == (30, 40)

@@ -129,11 +129,12 @@ class Source(ABC):
         """Turn the raw annotations of one image into record segments/boxes (in the worker)."""
 
     def rows(self, *, min_side: int = DEFAULT_POLICY.min_side, max_pixels: int = DEFAULT_POLICY.max_pixels,
-             verify: str = "draft", max_bytes: int = DEFAULT_POLICY.max_bytes, follow_symlinks_outside: bool = False) -> Iterator[dict[str, Any]]:
+             verify: str = "draft", max_bytes: int = DEFAULT_POLICY.max_bytes, follow_symlinks_outside: bool = False,
+             exif: str = "reject") -> Iterator[dict[str, Any]]:
         """Plan and read locally: rows ``{key, image, record}`` (for tests and small jobs)."""
         for item in self.plan():
             yield read_item(item, min_side=min_side, max_pixels=max_pixels, verify=verify, max_bytes=max_bytes,
-                            follow_symlinks_outside=follow_symlinks_outside)
+                            follow_symlinks_outside=follow_symlinks_outside, exif=exif)
 
 
 def relative_name(file_name: str) -> str | None:
@@ -213,8 +214,16 @@ def read_file(root: str | Path, rel: str, *, max_bytes: int, follow_symlinks_out
 
 
 def read_item(it: dict[str, Any], *, min_side: int, max_pixels: int, verify: str, max_bytes: int = 1 << 28,
-              follow_symlinks_outside: bool = False) -> dict[str, Any]:
-    """One planned item to a pipeline row ``{key, image, record}``; never raises for a bad image."""
+              follow_symlinks_outside: bool = False, exif: str = "reject") -> dict[str, Any]:
+    """One planned item to a pipeline row ``{key, image, record}``; never raises for a bad image.
+
+    ``exif`` (``read.exif``): the decoder shows every image in its EXIF orientation, but annotation
+    files (COCO, VG) are usually drawn on the stored pixels. A square image or a 180-degree rotation
+    keeps its size, so a size check alone cannot see the mismatch and the masks would land on the
+    wrong pixels. ``"reject"`` (default) therefore fails an annotated image whose orientation is not
+    1 with a reason; ``"trust"`` says the annotations were drawn in the oriented frame (what a viewer
+    shows) and uses them as they are.
+    """
     from pipeline.sources import SOURCES  # the registry (materialize is looked up by kind)
 
     rec = Record.from_json(str(it["record"]))
@@ -228,6 +237,10 @@ def read_item(it: dict[str, Any], *, min_side: int, max_pixels: int, verify: str
         data = read_file(str(it.get("root") or ""), rel, max_bytes=max_bytes,
                          follow_symlinks_outside=follow_symlinks_outside)
         p = probe(data, min_side=min_side, max_pixels=max_pixels, verify=verify)
+        if it.get("ann") and exif != "trust" and p.orientation not in (0, 1):
+            raise ReadError(f"EXIF orientation {p.orientation} rotates or flips the image, and its annotations "
+                            "are taken to be in the stored frame; set read.exif=trust if they were drawn on the "
+                            "oriented image")
         _check_size(rec, p)
         rec.width, rec.height, rec.image_ext = p.width, p.height, p.ext
         row["image"] = data
