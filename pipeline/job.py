@@ -571,6 +571,8 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
             if sc.writers == "driver":
                 seen = _drive_writer(cfg, ds, output, bar)
             else:
+                # blocks of exactly max_samples rows (streaming, no shuffle): one full shard per write
+                ds = ds.repartition(target_num_rows_per_block=sc.max_samples, strict=True)
                 ds = ds.map_batches(write_batch, batch_format="numpy", batch_size=sc.max_samples,
                                     num_cpus=cfg.ray.task_cpus, max_retries=cfg.ray.task_retries,
                                     compute=ray.data.TaskPoolStrategy(size=sc.writers),

@@ -114,6 +114,7 @@ def test_worker_writers_survive_reexecution_and_match_the_driver_writer(tmp_path
     assert max(keys.values()) == 1 and len(keys) == 11  # each key once, despite the re-executed task
     assert (workers["written"], workers["failed"], workers["failed_by_stage"]) == (11, 1, {"read": 1})
     assert all(shards.read_stats(t).samples <= 4 for t in shards.list_shards(tmp_path / "workers"))
+    assert workers["shards"] == 3  # full shards: 12 rows in blocks of shards.max_samples=4
     assert validate(tmp_path / "workers") == []
     for k in ("written", "failed", "failed_by_stage", "segments", "texts"):
         assert workers[k] == driver[k], k
