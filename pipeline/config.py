@@ -63,9 +63,27 @@ class SourceConfig(_Strict):
     keep_crowd: bool = Field(False, description="coco: keep iscrowd annotations (one mask over a group); skipped "
                                                 "by default, as detection and segmentation training do")
 
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> SourceConfig:
+        """A field another kind of source reads is an error, not silently ignored (``--regions`` on a COCO job)."""
+        wrong = [f"source.{name} (read by {'/'.join(kinds)} sources only)"
+                 for name, kinds in _KIND_FIELDS.items()
+                 if self.kind not in kinds and getattr(self, name) != type(self).model_fields[name].get_default(
+                     call_default_factory=True)]
+        if wrong:
+            raise ValueError(f"a {self.kind} source does not use {', '.join(wrong)}")
+        return self
+
     @property
     def dataset(self) -> str:
         return self.name or self.kind
+
+
+#: Source fields that only some kinds read (the rest are common to all).
+_KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "annotations": ("coco", "vg"), "captions": ("coco",), "keep_crowd": ("coco",), "regions": ("vg",),
+    "extensions": ("folder",),
+}
 
 
 class ReadConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def test_every_shipped_config_loads():
 def test_dotted_overrides_parse_yaml_values_and_compose():
     cfg = load_config("pipeline/configs/coco.yaml", [
         "shards.max_samples=100", "grounder.box_threshold=0.3", "captioner.enabled=false",
-        "source.extensions=[.png]", "captioner.prompts={scene: Describe it.}", "captioner.max_new_tokens={scene: 64}",
+        "source.kind=folder", "source.extensions=[.png]", "captioner.prompts={scene: Describe it.}", "captioner.max_new_tokens={scene: 64}",
         "ray.address="])
     assert cfg.shards.max_samples == 100 and cfg.grounder.box_threshold == 0.3
     assert cfg.enabled_stages() == ["phrases", "grounder", "segmenter"]
@@ -76,3 +77,26 @@ def test_ray_submit_entry_script_runs_from_a_copy(tmp_path):
                            env={**env, "USE_REPO": str(root)}, capture_output=True, text=True, timeout=120)
     # the relative config path resolved from the repository: the error is about the override, not the file
     assert found.returncode == 2 and "no-such-key" in found.stderr and "not found" not in found.stderr, found.stderr
+
+
+@pytest.mark.parametrize("source, words", [
+    ({"kind": "coco", "regions": "r.json"}, "source.regions (read by vg sources only)"),
+    ({"kind": "vg", "captions": "c.json"}, "source.captions (read by coco sources only)"),
+    ({"kind": "folder", "annotations": "a.json"}, "source.annotations (read by coco/vg sources only)"),
+    ({"kind": "coco", "extensions": [".png"]}, "source.extensions (read by folder sources only)"),
+    ({"kind": "vg", "keep_crowd": True}, "source.keep_crowd"),
+])
+def test_a_field_of_another_source_kind_is_an_error(source, words):
+    """Each source kind takes only its own fields: ``--regions`` on a COCO job is refused, not ignored."""
+    from pipeline.config import JobConfig
+
+    with pytest.raises(Exception, match=re.escape(words)):
+        JobConfig.model_validate({"source": source})
+
+
+def test_fields_of_the_right_kind_are_accepted():
+    from pipeline.config import JobConfig
+
+    JobConfig.model_validate({"source": {"kind": "vg", "annotations": "a.json", "regions": "r.json"}})
+    JobConfig.model_validate({"source": {"kind": "folder", "extensions": [".png"]}})
+    JobConfig.model_validate({"source": {"kind": "coco", "captions": "c.json", "keep_crowd": True}})
