@@ -2,7 +2,7 @@
 
 No SAM weights can be downloaded where the demo runs, so ``make demo`` exercises the SAM path of the
 evaluation with this model: transformers' ``SamModel`` at width 32, 2 encoder layers, a 64-pixel
-input (the configuration of ``../shared/TINY_MODELS.md``, the same one the SAM tests build), saved
+input (the same configuration the SAM tests build in ``tests/tiny_models.py``), saved
 with ``save_pretrained`` and loaded back by ``pipeline.models.load_sam`` like real weights. Its masks
 are blocks of a 4x4 embedding grid and mean nothing; the demo's SAM-path mIoU shows the plumbing,
 not SAM's quality.

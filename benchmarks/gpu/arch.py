@@ -4,7 +4,7 @@
 Swin-T / Swin-B backbones and BERT-base as ``IDEA-Research/grounding-dino-tiny`` / ``-base``;
 LLaVA-1.5-7B as ``llava-hf/llava-1.5-7b-hf``: CLIP ViT-L/14-336 + Llama-2-7B; CLIP ViT-L/14-336 and
 DINOv2-L as ``trainer/configs/model-vitl14.yaml``). ``tiny``: the few-layer configs of
-``../shared/TINY_MODELS.md``, for the CPU test. A config's ``arch`` mapping overrides top-level
+``tests/tiny_models.py``, for the CPU test. A config's ``arch`` mapping overrides top-level
 keyword arguments (tests use it to make a model fail on purpose).
 
 Models are constructed under ``torch.device(device)`` in the benchmark dtype, so a 7B model is

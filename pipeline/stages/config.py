@@ -5,7 +5,8 @@ per ``map_batches`` batch, ``num_gpus``/``num_cpus`` per actor, ``num_actors``) 
 needs. Defaults are for real weights on GPUs except ``num_gpus``: it is 0 so that a config without
 GPUs never waits forever for a GPU that does not exist; GPU configs set it to 1. ``num_cpus`` of a
 GPU actor is small on purpose: an actor holding a whole CPU per GPU starves Ray's read tasks on small
-machines (see ``../shared/TINY_MODELS.md``).
+machines (seen on 2 cores: a pool of GPU actors at the default ``num_cpus=1`` held both CPUs and the
+read tasks waited for ever; ``tests/test_job_gpu_scheduling.py`` keeps it from coming back).
 """
 
 from __future__ import annotations
