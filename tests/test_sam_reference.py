@@ -132,9 +132,9 @@ def test_segmenter_box_masks_equal_sam_predictor(reference, multimask):
         want = [(m, s) for m, s in want if m.any()]
         assert len(out.segments) == len(want) > 0
         for segment, (mask, score) in zip(out.segments, want, strict=True):
-            got = rle_utils.decode(segment["rle"])
+            got = rle_utils.decode(segment.rle)
             assert (got & mask).sum() / (got | mask).sum() >= 0.99
-            assert segment["score"] == pytest.approx(score, abs=1e-4)
+            assert segment.score == pytest.approx(score, abs=1e-4)
             compared += 1
     assert compared >= 6
 
