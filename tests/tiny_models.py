@@ -141,35 +141,12 @@ def build_tiny_sam(directory: str | Path, image_size: int = 64) -> Path:
     """SAM with a 2-layer ViT over 64x64 inputs (4x4 embeddings, 16x16 low-resolution masks).
 
     ``image_size=1024`` gives the real models' input frame (64x64 embeddings, 256x256 low-resolution
-    masks) at the same width, for tests of coordinates at real scale.
+    masks) at the same width, for tests of coordinates at real scale. The one tiny-SAM definition is
+    the demo's (``python -m evaluation tiny-sam``), so tests and demo load the same model.
     """
-    from transformers import (
-        SamConfig,
-        SamImageProcessor,
-        SamMaskDecoderConfig,
-        SamModel,
-        SamProcessor,
-        SamPromptEncoderConfig,
-        SamVisionConfig,
-    )
+    from evaluation.tiny_sam import build_tiny_sam as build
 
-    directory = Path(directory)
-    config = SamConfig(
-        vision_config=SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=2,
-                                      num_attention_heads=2, image_size=image_size, patch_size=16, window_size=2,
-                                      global_attn_indexes=[1], mlp_dim=64, num_pos_feats=16),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=image_size, patch_size=16,
-                                                     mask_input_channels=4),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2,
-                                                 iou_head_hidden_dim=32),
-    )
-    _manual_seed()
-    model = SamModel(config).eval()
-    processor = SamProcessor(SamImageProcessor(size={"longest_edge": image_size},
-                                               pad_size={"height": image_size, "width": image_size}))
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return build(directory, image_size=image_size, seed=0)
 
 
 def build_tiny_segment_anything(image_size: int = 256, decoder_heads: int = 8, seed: int = 0,
