@@ -9,9 +9,8 @@ choice is written to ``metrics.json``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from shards import overrides
@@ -81,12 +80,4 @@ class EvalConfig(_Strict):
 
         Unknown keys are reported with where they came from and the closest valid key
         (:mod:`shards.overrides`)."""
-        path = Path(path) if path else DEFAULT_CONFIG
-        try:
-            data: Any = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise overrides.OverrideError(f"cannot read config {path}: {e}") from e
-        if not isinstance(data, dict):
-            raise overrides.OverrideError(f"config {path} must be a mapping")
-        overrides.check_keys(data, cls, f"in {path}")
-        return cls.model_validate(overrides.apply(data, assignments, cls))
+        return overrides.load_yaml(Path(path) if path else DEFAULT_CONFIG, cls, assignments)

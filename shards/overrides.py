@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -116,3 +117,16 @@ def _paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[li
 
 
 __all__ = ["COMMAND_LINE", "OverrideError", "apply", "check_keys", "check_path", "parse"]
+
+
+def load_yaml(path: str | Path, model: Any, assignments: Iterable[str] = ()) -> Any:
+    """A typed config from a YAML file and ``key=value`` overrides: unknown keys in the file or on the
+    command line are named with their origin (one loader for every package's config)."""
+    try:
+        data: Any = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise OverrideError(f"cannot read config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise OverrideError(f"config {path} must be a mapping")
+    check_keys(data, model, f"in {path}")
+    return model.model_validate(apply(data, assignments, model))

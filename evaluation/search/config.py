@@ -14,9 +14,8 @@ these list counts, for both building and searching. Figures: ``BENCHMARKS.md``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from shards import overrides
@@ -65,13 +64,6 @@ class IndexConfig(_Strict):
     @classmethod
     def load(cls, path: str | Path | None = None, assignments: list[str] | tuple[str, ...] = ()) -> IndexConfig:
         """Defaults, or ``path`` (YAML), then ``key=value`` overrides; unknown keys named with their origin."""
-        data: Any = {}
         if path:
-            try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as e:
-                raise overrides.OverrideError(f"cannot read config {path}: {e}") from e
-            if not isinstance(data, dict):
-                raise overrides.OverrideError(f"config {path} must be a mapping")
-            overrides.check_keys(data, cls, f"in {path}")
-        return cls.model_validate(overrides.apply(data, assignments, cls))
+            return overrides.load_yaml(path, cls, assignments)
+        return cls.model_validate(overrides.apply({}, assignments, cls))
