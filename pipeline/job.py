@@ -244,16 +244,20 @@ def finalize_batch(batch: dict[str, np.ndarray], *, nms: bool, iou_threshold: fl
 def write_batch(batch: dict[str, np.ndarray], *, output: str, prefix: str, max_samples: int, max_bytes: int,
                 run: str) -> dict[str, np.ndarray]:
     """Rows -> committed shards (a write task in a worker); returns one row per shard for the driver:
-    ``shard``, ``samples``, ``failed`` and ``keys`` (every key it recorded, newline-joined)."""
-    rows = [sample_row(str(k), image, rec) for k, image, rec in zip(batch["key"], batch["image"], records_of(batch),
-                                                                    strict=True)]
+    ``shard``, ``samples``, ``failed``, ``keys`` (every key it recorded, newline-joined) and
+    ``captions_cut`` (LLaVA answers of its records cut at their token budget)."""
+    records = records_of(batch)
+    rows = [sample_row(str(k), image, rec) for k, image, rec in zip(batch["key"], batch["image"], records, strict=True)]
+    cut = {str(k): rec.captions_cut for k, rec in zip(batch["key"], records, strict=True)}
     committed = write_shards(output, prefix, rows, run=run, max_samples=max_samples, max_bytes=max_bytes)
     _failpoint(FAILPOINT_WRITE_EXIT)
     return {"shard": _objects([s.shard for s in committed]),
             "samples": np.array([s.samples for s in committed], dtype=np.int64),
             "failed": np.array([len(s.failures) for s in committed], dtype=np.int64),
             "keys": _objects(["\n".join([*(k["key"] for k in s.keys), *(f["key"] for f in s.failures)])
-                              for s in committed])}
+                              for s in committed]),
+            "captions_cut": np.array([sum(cut.get(k["key"], 0) for k in (*s.keys, *s.failures)) for s in committed],
+                                     dtype=np.int64)}
 
 
 def sample_row(key: str, image: Any, rec: Record) -> tuple[SampleMeta, bytes] | dict[str, Any]:
@@ -521,9 +525,10 @@ def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True, overwr
             retried = sum(1 for it in todo if it["key"] in before)
             log.info("%d inputs: %d already done, %d to process (%d retried)", len(items), len(items) - len(todo),
                      len(todo), retried)
-            processed = _process(cfg, todo, output, progress, verbose) if todo else 0
+            processed, captions_cut = _process(cfg, todo, output, progress, verbose) if todo else (0, 0)
             shards.build_manifest(output)
-            summary = _summary(output, len(items), len(items) - len(todo), processed, retried, time.time() - t0)
+            summary = _summary(output, len(items), len(items) - len(todo), processed, retried, time.time() - t0,
+                               captions_cut)
             _write_text(output / SUMMARY, json.dumps(summary, indent=1))
         finally:
             if started:
@@ -549,9 +554,10 @@ def _todo(items: list[dict[str, str]], output: Path, retry_failed: bool, finish_
     return [it for it in items if it["key"] not in done]
 
 
-def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress: bool, verbose: bool) -> int:
+def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress: bool, verbose: bool,
+             ) -> tuple[int, int]:
     """Run the dataset over ``todo``, its write tasks committing the shards; rows the dataset lost
-    become failures."""
+    become failures. Returns (inputs processed, LLaVA answers cut at their token budget)."""
     import ray
     from ray.data import DataContext
     from tqdm import tqdm
@@ -569,7 +575,7 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
         ds = build_dataset(cfg, todo, ledger)
         with logging_redirect_tqdm(), tqdm(total=len(todo), desc="curate", unit="img", disable=not progress) as bar:
             if sc.writers == "driver":
-                seen = _drive_writer(cfg, ds, output, bar)
+                seen, captions_cut = _drive_writer(cfg, ds, output, bar)
             else:
                 # blocks of exactly max_samples rows (streaming, no shuffle): one full shard per write
                 ds = ds.repartition(target_num_rows_per_block=sc.max_samples, strict=True)
@@ -578,8 +584,9 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
                                     compute=ray.data.TaskPoolStrategy(size=sc.writers),
                                     fn_kwargs={"output": str(output.resolve()), "prefix": sc.prefix,
                                                "max_samples": sc.max_samples, "max_bytes": sc.max_bytes, "run": run})
-                seen = set()
+                seen, captions_cut = set(), 0
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    captions_cut += int(batch["captions_cut"].sum())
                     for keys in batch["keys"]:
                         if keys:
                             got = keys.split("\n")
@@ -599,7 +606,7 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
         ctx.enable_progress_bars, ctx.max_errored_blocks, ctx.print_on_execution_start = saved
         if ledger is not None:
             ray.kill(ledger)
-    return len(todo)
+    return len(todo), captions_cut
 
 
 def shards_done(output: Path) -> tuple[set[str], set[str]]:
@@ -610,11 +617,13 @@ def shards_done(output: Path) -> tuple[set[str], set[str]]:
     return written, set(shards.failure_records(output, finish_commits=False))
 
 
-def _drive_writer(cfg: JobConfig, ds: Any, output: Path, bar: Any) -> set[str]:
-    """``shards.writers=driver``: every row through one :class:`shards.ShardWriter` in this process."""
+def _drive_writer(cfg: JobConfig, ds: Any, output: Path, bar: Any) -> tuple[set[str], int]:
+    """``shards.writers=driver``: every row through one :class:`shards.ShardWriter` in this process;
+    returns the keys it recorded and the LLaVA answers of their records cut at the token budget."""
     import shards
 
     seen: set[str] = set()
+    captions_cut = 0
     with shards.ShardWriter(output, prefix=cfg.shards.prefix, max_samples=cfg.shards.max_samples,
                             max_bytes=cfg.shards.max_bytes) as writer:
         for batch in ds.iter_batches(batch_size=cfg.write_batch_size, batch_format="numpy"):
@@ -629,8 +638,9 @@ def _drive_writer(cfg: JobConfig, ds: Any, output: Path, bar: Any) -> set[str]:
                 else:
                     writer.write(*row)
                 seen.add(key)
+                captions_cut += rec.captions_cut
             bar.update(len(batch["key"]))
-    return seen
+    return seen, captions_cut
 
 
 def _snapshot_config(cfg: JobConfig, output: Path) -> None:
@@ -651,7 +661,8 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _summary(output: Path, n_in: int, n_skipped: int, processed: int, retried: int, wall: float) -> dict[str, Any]:
+def _summary(output: Path, n_in: int, n_skipped: int, processed: int, retried: int, wall: float,
+             captions_cut: int = 0) -> dict[str, Any]:
     import shards
 
     manifest = shards.read_manifest(output).to_pylist()
@@ -666,6 +677,7 @@ def _summary(output: Path, n_in: int, n_skipped: int, processed: int, retried: i
         "failed_by_stage": dict(Counter(f["stage"] for f in failures)),
         "segments": int(sum(r["segments"] for r in manifest)),
         "texts": int(sum(r["texts"] for r in manifest)),
+        "captions_cut": captions_cut,  # this run's LLaVA answers that hit captioner.max_new_tokens before EOS
         "shards": len(shards.list_shards(output)),
         "wall_time_s": round(wall, 3),
         "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
