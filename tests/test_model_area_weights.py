@@ -91,17 +91,28 @@ def test_from_rle_equals_from_masks() -> None:
 
 
 def test_batched_pooling_matches_loop() -> None:
+    """Value and gradient equal the per-segment loop; sparse rows, an empty row and a cls token to skip."""
     gen = torch.Generator().manual_seed(1)
     b, p, d, s = 4, 16, 8, 11
-    patches = torch.randn(b, p, d, generator=gen, requires_grad=True)
+    tokens = torch.randn(b, 1 + p, d, generator=gen, requires_grad=True)
     weights = torch.softmax(torch.randn(s, p, generator=gen), dim=1)
+    weights[::2, 5:] = 0  # sparse rows, as area weights are
+    weights[4] = 0  # an empty mask: zero row
     image_index = torch.tensor([3, 0, 3, 3, 1, 0, 3, 1, 0, 3, 3])  # image 2 has none, unsorted
-    got = pool_segments(patches, weights, image_index)
-    ref = torch.stack([weights[k] @ patches[image_index[k]] for k in range(s)])
+    got = pool_segments(tokens, weights, image_index, first=1)
+    ref = torch.stack([weights[k] @ tokens[image_index[k], 1:] for k in range(s)])
     torch.testing.assert_close(got, ref)
-    got.sum().backward()
-    assert patches.grad is not None and torch.all(patches.grad[2] == 0)
-    assert pool_segments(patches, weights[:0], image_index[:0]).shape == (0, d)
+    assert torch.all(got[4] == 0)
+    upstream = torch.randn(s, d, generator=gen)
+    (grad,) = torch.autograd.grad((got * upstream).sum(), tokens)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), tokens)
+    torch.testing.assert_close(grad, ref_grad)
+    assert torch.all(grad[2] == 0) and torch.all(grad[:, 0] == 0)  # no segment in image 2; cls untouched
+    patches = tokens.detach()[:, 1:].contiguous()
+    torch.testing.assert_close(pool_segments(patches, weights, image_index), ref.detach())  # first=0
+    assert pool_segments(tokens, weights[:0], image_index[:0], first=1).shape == (0, d)
+    with pytest.raises(ValueError, match="do not fit"):
+        pool_segments(patches, weights, image_index, first=1)
 
 
 def test_pooling_with_area_weights_of_real_masks() -> None:

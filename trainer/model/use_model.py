@@ -8,8 +8,9 @@ the merged cls token at index 0. Patch scales start at ``1 / n_levels`` (an aver
 levels); a scalar per level is our reading of "patch scale parameters" (*open* in the paper).
 
 Segment head: ``pooled_s = sum_p w[s, p] * merged[b(s), 1 + p]`` with ``w`` the area weights
-(:mod:`trainer.model.area_weights`), computed for all segments of the batch in one ``bmm`` over
-per-image padded weight blocks (no loop over segments, no ``[S, G*G, hidden]`` copy). With
+(:mod:`trainer.model.area_weights`), computed for all segments of the batch at once over the
+non-zero weights only (one ``embedding_bag``, see :func:`pool_segments`; no loop over segments,
+no ``[S, G*G, hidden]`` copy). With
 ``use_cls`` the image's merged cls token is *concatenated* to ``pooled_s`` before the linear head
 (``Linear(2 * hidden, embed_dim)``), so the head learns per dimension how much global context to
 mix in; adding it instead would force the same map on both (the paper only says the global feature
@@ -67,26 +68,30 @@ def named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
-def pool_segments(patches: torch.Tensor, weights: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-    """Area-weighted patch average for every segment: ``[B, P, D]``, ``[S, P]``, ``[S]`` -> ``[S, D]``.
+def pool_segments(tokens: torch.Tensor, weights: torch.Tensor, image_index: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Area-weighted patch average for every segment: ``[B, T, D]``, ``[S, P]``, ``[S]`` -> ``[S, D]``.
 
-    Segments are laid out per image into a zero-padded ``[B, S_max, P]`` block (slot = rank of the
-    segment among its image's segments, found with one stable sort) and multiplied with the patches
-    in a single ``bmm``.
+    Patch ``p`` of image ``b`` is ``tokens[b, first + p]`` (``first=1`` skips a leading cls token without
+    copying the patch map out of ``tokens``). Area weights are sparse: a segment touches a few dozen of
+    the grid's hundreds of patches (its bounding box), so the sum runs over the non-zero weights only,
+    as one ``F.embedding_bag`` (``mode="sum"``, ``per_sample_weights``) over the batch's token rows:
+    a row is read once per segment that covers it, and no ``[S, P]`` x ``[P, D]`` product pays for
+    the zeros. A dense padded ``bmm`` costs ``P / nnz`` times the arithmetic and, in training, the
+    same factor in the backward; ``benchmarks/bench_pool.py`` times both against a per-segment loop.
+    Rows of empty masks come out as zeros (empty bags). Differentiable in ``tokens``.
     """
-    b, p, d = patches.shape
-    s = weights.shape[0]
+    b, t, d = tokens.shape
+    s, p = weights.shape
+    if first + p > t:
+        raise ValueError(f"{p} patch weights from token {first} do not fit {t} tokens per image")
     if s == 0:
-        return patches.new_zeros(0, d)
-    image_index = image_index.to(device=patches.device, dtype=torch.long)
-    counts = torch.bincount(image_index, minlength=b)
-    order = torch.argsort(image_index, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(image_index)
-    slot[order] = torch.arange(s, device=patches.device) - starts[image_index[order]]
-    block = patches.new_zeros(b, int(counts.max()), p)
-    block[image_index, slot] = weights.to(patches.dtype)
-    return torch.bmm(block, patches)[image_index, slot]
+        return tokens.new_zeros(0, d)
+    image_index = image_index.to(device=tokens.device, dtype=torch.long)
+    weights = weights.to(device=tokens.device, dtype=tokens.dtype)
+    seg, patch = weights.nonzero(as_tuple=True)  # row-major: grouped by segment, in order
+    offsets = torch.searchsorted(seg, torch.arange(s, device=tokens.device))
+    rows = image_index[seg] * t + first + patch
+    return F.embedding_bag(rows, tokens.reshape(b * t, d), offsets, mode="sum", per_sample_weights=weights[seg, patch])
 
 
 class USEModel(nn.Module):
@@ -125,7 +130,7 @@ class USEModel(nn.Module):
                            image_index: torch.Tensor) -> torch.Tensor:
         """L2-normalised ``[S, embed_dim]``; ``area_weights [S, G*G]``, ``image_index [S]`` into the batch."""
         merged = self.merge(features)
-        pooled = pool_segments(merged[:, 1:], area_weights, image_index)
+        pooled = pool_segments(merged, area_weights, image_index, first=1)
         if self.config.use_cls:
             cls = merged[:, 0][image_index.to(device=merged.device, dtype=torch.long)]
             pooled = torch.cat([pooled, cls], dim=-1)
