@@ -9,7 +9,7 @@ order on encode, and ``mask.area``/``toBbox`` overflowing on lists of more than 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -108,6 +108,82 @@ def rle_counts(counts: str) -> np.ndarray:
     if (runs < 0).any():
         raise ValueError("counts has a negative run length")
     return runs
+
+
+class CountsError(ValueError):
+    """A malformed counts string in a batch; ``index`` says which one (the message is :func:`rle_counts`')."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def counts_cover(counts: Sequence[str]) -> np.ndarray:
+    """Pixels each compressed RLE ``counts`` string covers (the sum of its runs), int64, all strings at once.
+
+    The same strict parse as :func:`rle_counts`, done on the strings joined into one buffer, so that
+    a batch of segments (one sample's, or a window of samples' in the reader) costs one pass of
+    numpy calls instead of one pass per segment: numpy's per-call overhead, not the characters, was
+    the reader's main cost, and pycocotools has no call that returns the runs' sum or refuses a
+    malformed string. Numbers never straddle two strings because every well-formed string ends on a
+    final character. Runs after the third are deltas to the run two before *within their string*:
+    consecutive numbers of a string alternate between the two chains, so each chain is a contiguous
+    stretch of the even- or odd-indexed numbers of the whole batch, and two cumulative sums minus
+    each string's base give every run without sorting. On any malformed string, the strings are
+    parsed one by one to raise :class:`CountsError` for the first bad one with :func:`rle_counts`'
+    message.
+    """
+    n = len(counts)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        v = np.frombuffer("".join(counts).encode("ascii"), dtype=np.uint8) - np.uint8(48)  # wraps below '0'
+    except UnicodeEncodeError:
+        _raise_first_bad(counts)
+    lens = np.fromiter(map(len, counts), dtype=np.intp, count=n)
+    ends = np.cumsum(lens) - 1  # each string's last character
+    if not lens.all() or v.max() > 63 or v[ends].max() >= 32:  # empty, outside '0'..'o', ends mid-number
+        _raise_first_bad(counts)
+    last = np.flatnonzero(v < 32)  # each number's last character
+    lengths = np.empty_like(last)
+    lengths[0] = last[0] + 1
+    np.subtract(last[1:], last[:-1], out=lengths[1:])
+    if lengths.max() > _MAX_RLE_DIGITS:
+        _raise_first_bad(counts)
+    # 5 bits per character, least significant first; bit 0x10 of a number's last character is its
+    # sign: v - 32 is the 5-bit digit of a continued character and the signed top digit of a last one
+    u = (v - ((v >= 16).view(np.uint8) << 5)).view(np.int8)
+    x = u[last].astype(np.int64)  # the top digit: all of the number for one-character numbers
+    multi = np.flatnonzero(lengths > 1)
+    if multi.size:  # Horner's rule over the lower digits of the (few) longer numbers
+        size, at, xm = lengths[multi], last[multi], x[multi]
+        for d in range(1, int(size.max())):
+            sel = np.flatnonzero(size > d)
+            xm[sel] = (xm[sel] << 5) + (u[at[sel] - d] & 0x1F)
+        x[multi] = xm
+    first = np.searchsorted(last, ends - lens + 1)  # each string's first number
+    per = np.diff(np.append(first, x.size))
+    sid = np.repeat(np.arange(n), per)
+    x0 = x[first]
+    x[first] = 0  # run 0 is no chain's start: runs 1 and 2 are, so the even chain sums from run 2
+    c0 = np.concatenate([[0], np.cumsum(x[0::2])])
+    c1 = np.concatenate([[0], np.cumsum(x[1::2])])
+    runs = np.empty_like(x)
+    runs[0::2] = c0[1:] - c0[(first + 1) // 2][sid[0::2]]  # minus the chain's sum before the string
+    runs[1::2] = c1[1:] - c1[first // 2][sid[1::2]]
+    runs[first] = x0
+    if runs.min() < 0:
+        _raise_first_bad(counts)
+    return np.add.reduceat(runs, first)
+
+
+def _raise_first_bad(counts: Sequence[str]) -> NoReturn:
+    for i, s in enumerate(counts):
+        try:
+            rle_counts(s)
+        except ValueError as e:
+            raise CountsError(i, str(e)) from None
+    raise AssertionError("counts_cover found a malformed string that rle_counts accepts")  # unreachable
 
 
 

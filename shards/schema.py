@@ -16,11 +16,14 @@ before any of them is parsed.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .rle import rle_counts
+import numpy as np
+
+from .rle import CountsError, counts_cover
 
 SCHEMA_VERSION = 1
 
@@ -56,7 +59,7 @@ def make_key(source: str, image_id: str | int) -> str:
 
 def is_valid_key(key: str) -> bool:
     """``[A-Za-z0-9_-]+`` and at most :data:`MAX_KEY_CHARS` long."""
-    return len(key) <= MAX_KEY_CHARS and bool(_KEY_RE.match(key))
+    return len(key) <= MAX_KEY_CHARS and bool(_KEY_RE.fullmatch(key))  # match's ``$`` lets a trailing newline in
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class SampleMeta:
         _expect(len(raw_segments) <= limits.max_segments,
                 f"{len(raw_segments)} segments, more than the limit of {limits.max_segments}")
         segments = [_segment(s, i, d["height"], d["width"], limits) for i, s in enumerate(raw_segments)]
+        _check_coverage(segments, d["height"], d["width"])
         return cls(
             key=d["key"], image_id=d["image_id"], source=d["source"], width=d["width"], height=d["height"],
             image_ext=image_ext, file_name=_utf8(str(d.get("file_name", "")), "file_name"), captions=captions,
@@ -170,15 +174,10 @@ def _segment(s: Any, i: int, h: int, w: int, limits: SampleLimits) -> Segment:
     counts = rle["counts"]
     _expect(len(counts) <= limits.max_counts_chars,
             f"{where}.rle.counts is {len(counts)} characters, more than the limit of {limits.max_counts_chars}")
-    try:
-        covered = int(rle_counts(counts).sum())
-    except ValueError as e:
-        raise SchemaError(f"{where}.rle.counts is malformed: {e}") from None
-    _expect(covered == h * w, f"{where}.rle.counts cover {covered} pixels, the image has {h * w} ({h}x{w})")
     bbox = s["bbox"]
     _expect(isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox),
             f"{where}.bbox must be [x, y, w, h]")
-    _expect(isinstance(s["area"], int | float) and s["area"] >= 0, f"{where}.area must be a non-negative number")
+    _expect(isinstance(s["area"], int | float) and 0 <= s["area"] < math.inf, f"{where}.area must be a non-negative number")
     texts = []
     for j, t in enumerate(_list(s, "texts", where)):
         tw = f"{where}.texts[{j}]"
@@ -193,6 +192,19 @@ def _segment(s: Any, i: int, h: int, w: int, limits: SampleLimits) -> Segment:
     _expect(isinstance(score, int | float), f"{where}.score must be a number")
     return Segment(id=int(s["id"]), rle={"size": [int(size[0]), int(size[1])], "counts": rle["counts"]},
                    bbox=[float(v) for v in bbox], area=int(s["area"]), texts=texts, score=float(score))
+
+
+def _check_coverage(segments: list[Segment], h: int, w: int) -> None:
+    """Every segment's counts parse strictly and cover exactly ``h x w`` pixels: one batched parse of
+    all the sample's strings (:func:`shards.rle.counts_cover`), after their lengths were capped."""
+    try:
+        covered = counts_cover([s.rle["counts"] for s in segments])
+    except CountsError as e:
+        raise SchemaError(f"segments[{e.index}].rle.counts is malformed: {e}") from None
+    wrong = np.flatnonzero(covered != h * w)
+    if wrong.size:
+        i = int(wrong[0])
+        raise SchemaError(f"segments[{i}].rle.counts cover {int(covered[i])} pixels, the image has {h * w} ({h}x{w})")
 
 
 def _expect(cond: bool, message: str) -> None:
