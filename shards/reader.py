@@ -270,6 +270,7 @@ def tar_members(urls: Iterator[dict[str, Any]], handler: Any = wds.reraise_excep
         url = item["url"]
         try:
             with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode=_plain_tar_mode(stream)) as tf:
+                seekable = _plain_tar_mode(stream) == "r:"
                 for m in tf:
                     if not m.isreg():
                         continue
@@ -278,13 +279,25 @@ def tar_members(urls: Iterator[dict[str, Any]], handler: Any = wds.reraise_excep
                                                    f"limit of {max_member_bytes}; not read")):
                             return
                         continue
-                    data = tf.extractfile(m).read()
+                    data = _member_bytes(tf, stream, m) if seekable else tf.extractfile(m).read()
                     yield {"fname": m.name, "data": data, "__url__": url}
                     tf.members = []  # a tar keeps every TarInfo read otherwise
         except (tarfile.TarError, OSError, EOFError) as e:
             if not handler(SchemaError(f"{url}: not a readable plain tar (compressed shards are refused): {e}")):
                 return
         yield {}
+
+
+def _member_bytes(tf: tarfile.TarFile, stream: Any, m: tarfile.TarInfo) -> bytes:
+    """A regular member's bytes straight from the file (``extractfile`` wraps one ``read`` in two
+    file objects per member); sparse members go through ``extractfile``."""
+    if m.issparse():
+        return tf.extractfile(m).read()
+    stream.seek(m.offset_data)
+    data = stream.read(m.size)
+    if len(data) != m.size:
+        raise tarfile.ReadError(f"unexpected end of data in member {m.name!r}")
+    return data
 
 
 def _plain_tar_mode(stream: Any) -> str:

@@ -28,3 +28,34 @@ def test_check_names_the_pixel_count():
     rle.check(good)
     with pytest.raises(ValueError, match="its size 4x4 has 16"):
         rle.check({"size": [4, 4], "counts": good["counts"]})
+
+
+def _counts_string(runs: list[int]) -> str:
+    """Any run lengths (negative ones too) in COCO's compressed string form, as pycocotools' ``rleToString``."""
+    out = []
+    for i, run in enumerate(runs):
+        x = run - runs[i - 2] if i > 2 else run
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr(c + 48 + (0x20 if more else 0)))
+    return "".join(out)
+
+
+def test_counts_cover_matches_the_one_by_one_parse_and_refuses_negative_runs():
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 300, 200)) < rng.uniform(0.01, 0.99, (6, 1, 1))
+    counts = [r["counts"] for r in rle.encode(masks)] + [_counts_string([60000])]
+    np.testing.assert_array_equal(rle.counts_cover(counts), [rle.rle_counts(c).sum() for c in counts])
+    assert (rle.counts_cover(counts) == 60000).all()
+    assert _counts_string([5, 3, 2, 7]) == rle.encode_one(np.repeat([0, 1, 0, 1], [5, 3, 2, 7]).reshape(1, 17).T == 1)["counts"]
+    sneaky = _counts_string([3, 2, -1, 0, 2, 2])  # covers 8 = 2x4 pixels, but run 2 is negative
+    with pytest.raises(ValueError, match="negative run length"):
+        rle.rle_counts(sneaky)
+    with pytest.raises(rle.CountsError, match="negative run length") as e:
+        rle.counts_cover([counts[0], sneaky])
+    assert e.value.index == 1
+    with pytest.raises(ValueError):
+        rle.decode({"size": [2, 4], "counts": sneaky})
