@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import yaml
 
 from pipeline.config import STAGES, ConfigError, JobConfig, data_fields
@@ -296,14 +297,19 @@ def build_dataset(cfg: JobConfig, items: list[dict[str, str]], ledger: Any = Non
 
     Retries are finite everywhere (Ray Data's defaults retry dead tasks and restart dead actors
     without limit, so one image that kills its worker would stop the job for good).
+
+    Ray Data's per-operator resource reservation is off for this dataset (and those derived from
+    it): its budget bookkeeping runs on every scheduling step in the driver and was half of the
+    executor's CPU there, and reserving a share of the CPUs for each operator doubled the wall time
+    of the 2-CPU benchmark (``benchmarks/bench_writers.py``). Backpressure stays with Ray Data's
+    concurrency-cap and downstream-capacity policies; actor pools hold their own resources.
     """
     import ray
 
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # no named form of the retry
     # arguments exists yet (Ray 2.60): max_retries / max_restarts / max_task_retries go through **ray_remote_args
-    # enough blocks for every actor to get work on small jobs, about one read batch each on big ones
-    blocks = max(1, min(len(items), max(math.ceil(len(items) / cfg.read.batch_size), 8), 10_000))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ray.data.from_arrow(_item_blocks(items, cfg.read.batch_size))
+    ds.context.op_resource_reservation_enabled = False
     r = cfg.read
     ds = ds.map_batches(read_batch, batch_format="numpy", batch_size=r.batch_size, num_cpus=cfg.ray.task_cpus,
                         max_retries=cfg.ray.task_retries,
@@ -325,6 +331,19 @@ def build_dataset(cfg: JobConfig, items: list[dict[str, str]], ledger: Any = Non
                           num_cpus=cfg.ray.task_cpus, max_retries=cfg.ray.task_retries,
                           fn_kwargs={"nms": cfg.nms.enabled, "iou_threshold": cfg.nms.iou_threshold,
                                      "min_segments": cfg.shards.min_segments})
+
+
+def _item_blocks(items: list[dict[str, str]], batch_size: int) -> list[pa.Table]:
+    """The planned items as Arrow tables, one per input block (string columns built in one pass
+    each: ``from_items`` costs tens of microseconds of driver CPU per item, this about one).
+
+    Enough blocks for every actor to get work on small jobs, about one read batch each on big ones.
+    """
+    names = list(dict.fromkeys(k for it in items[:1] for k in it))
+    table = pa.table({n: pa.array([it[n] for it in items], type=pa.string()) for n in names})
+    blocks = max(1, min(len(items), max(math.ceil(len(items) / batch_size), 8), 10_000))
+    bounds = np.linspace(0, len(items), blocks + 1).astype(int)
+    return [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def plan_items(cfg: JobConfig) -> list[dict[str, str]]:

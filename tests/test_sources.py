@@ -186,7 +186,7 @@ def _coco_with(tmp_path, objects: dict[str, object], **kw):
     return paths
 
 
-def test_hostile_segmentations_fail_their_image_at_plan(tmp_path):
+def test_hostile_segmentations_fail_their_image_before_pycocotools(tmp_path):
     far = [[0, 0, 1e9, 0, 1e9, 1e9]]
     zigzag = [[v for i in range(20_000) for v in ((0, 0) if i % 2 else (39, 29))]]
     objects = {"ok.png": None, "inf.png": [[0, 0, 123456789.125, 5, 5, 5]], "far.png": far, "zigzag.png": zigzag,
@@ -201,6 +201,7 @@ def test_hostile_segmentations_fail_their_image_at_plan(tmp_path):
     for name, words in reasons.items():
         f = rows[name].failure
         assert f is not None and f.stage == "source" and words in f.error, (name, f)
+        assert "annotations[" in f.error, f  # the offending annotation's index in the file
 
 
 def test_hostile_file_names_never_leave_the_image_root(tmp_path):
@@ -379,3 +380,39 @@ def test_folder_images_with_exif_orientation_are_read(tmp_path):
     Image.new("RGB", (40, 30), (9, 9, 9)).save(images / "a.jpg", exif=exif)
     rec = Record.from_json(next(FolderSource("folder", str(images)).rows(min_side=1))["record"])
     assert rec.failure is None and (rec.width, rec.height) == (30, 40)
+
+
+def _nesting(value) -> int:
+    """Depth of a Python JSON value: what ``check_depth`` must find in its ``json.dumps`` text."""
+    if isinstance(value, dict):
+        return 1 + max((_nesting(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_nesting(v) for v in value), default=0)
+    return 0
+
+
+def test_check_depth_ignores_brackets_in_strings_across_chunk_boundaries(tmp_path):
+    from pipeline.sources.schemas import check_depth
+
+    rng = np.random.default_rng(0)
+
+    def value(level: int):
+        kind = rng.integers(0, 4 if level < 6 else 2)
+        if kind == 0:  # strings full of what would fool a naive count: brackets, quotes, backslash runs
+            return "".join(rng.choice(list('[]{}"\\\\ab'), size=int(rng.integers(0, 12))))
+        if kind == 1:
+            return float(rng.integers(-5, 5))
+        if kind == 2:
+            return [value(level + 1) for _ in range(int(rng.integers(0, 4)))]
+        return {f"k{i}{'[' * i}": value(level + 1) for i in range(int(rng.integers(0, 4)))}
+
+    path = tmp_path / "doc.json"
+    for _ in range(60):
+        doc = [value(0) for _ in range(3)]
+        text = json.dumps(doc, indent=int(rng.integers(0, 2)) or None)
+        path.write_text(text)
+        want = _nesting(doc)
+        for chunk in (1, 2, 3, 7, 64, 1 << 20):
+            assert check_depth(path, limit=1000, chunk=chunk) == want, (text, chunk)
+    path.write_text('{"a": "\\\\\\\\", "b": [[["x\\\\"]]]}')  # escaped backslashes before closing quotes
+    assert check_depth(path, chunk=3) == 4

@@ -164,7 +164,14 @@ def item(key: str, path: str | None, record: Record, ann: Any = None, root: Path
     text = ann if isinstance(ann, str) else json.dumps(ann, separators=(",", ":")) if ann is not None else ""
     ok = record.failure is None
     return {"key": key, "path": str(path) if path and ok else "", "root": str(root) if root and ok else "",
-            "record": record.to_json(), "ann": text if ok else ""}
+            "record": record_json(record), "ann": text if ok else ""}
+
+
+def record_json(record: Record) -> str:
+    """``record.to_json()``, the same text, several times faster: planning writes one per image in
+    the driver, and ``dataclasses.asdict`` deep-copies every field first; json's ``default`` hook
+    instead turns each nested dataclass into its fields (``vars``) as it goes."""
+    return json.dumps(record, default=vars, separators=(",", ":"))
 
 
 class EnvironmentReadError(ReadError):

@@ -9,11 +9,12 @@ segmentation training skip them: "person" on a crowd of people would teach one t
 images list become one ``source`` failure per unknown image id; they are not dropped silently.
 
 Planning streams the files (``schemas.stream``): images and categories first, then one annotation
-at a time, each checked against its image (:func:`check_segmentation`) and kept only as compact JSON
-text per image, so the driver never holds the document as Python objects. An annotation that could
-hurt a worker (non-finite or far-away coordinates make pycocotools allocate without bound; RLE
-counts that do not cover the image make it read past its buffer) fails its image at planning time
-with the reason, before any worker sees it.
+at a time, validated (types, known category) and kept only as compact JSON text per image, so the
+driver never holds the document as Python objects. Planning runs in the job's driver, so it does no
+per-polygon work: the read task checks each segmentation against the image (:func:`check_segmentation`)
+before pycocotools sees it. An annotation that could hurt a worker (non-finite or far-away
+coordinates make pycocotools allocate without bound; RLE counts that do not cover the image make it
+read past its buffer) fails its image there with the reason and the annotation's index in the file.
 """
 
 from __future__ import annotations
@@ -104,7 +105,6 @@ class CocoSource(Source):
     def plan(self) -> Iterator[dict[str, str]]:
         images: dict[str, tuple[str, int, int]] = {}
         anns: dict[str, list[str]] = defaultdict(list)  # image id -> compact JSON of each object
-        bad: dict[str, str] = {}  # image id -> why one of its annotations is refused
         caps: dict[str, list[str]] = defaultdict(list)
         if self.annotations:
             path = json_file(self.annotations, "COCO instances")
@@ -115,18 +115,9 @@ class CocoSource(Source):
                     raise SourceError(f"{path}: annotations[{i}].category_id {a.category_id} is not in categories")
                 if a.iscrowd and not self.keep_crowd:
                     continue
-                image_id = str(a.image_id)
                 seg = a.segmentation if isinstance(a.segmentation, list) else a.segmentation.model_dump()
-                im = images.get(image_id)
-                if im is not None:
-                    reason = check_segmentation(seg, im[1], im[2])
-                    if reason is not None:
-                        bad.setdefault(image_id, f"annotations[{i}]: {reason}")
-                        continue
-                if image_id in bad:
-                    continue
-                anns[image_id].append(json.dumps({"segmentation": seg, "name": cats[a.category_id]},
-                                                 separators=(",", ":")))
+                anns[str(a.image_id)].append(json.dumps({"segmentation": seg, "name": cats[a.category_id], "i": i},
+                                                        separators=(",", ":")))
         if self.captions:
             path = json_file(self.captions, "COCO captions")
             if not self.annotations:
@@ -141,13 +132,11 @@ class CocoSource(Source):
             rec = Record(source=self.name, image_id=image_id, width=w, height=h, file_name=file_name,
                          image_ext=file_name.rsplit(".", 1)[-1].lower(),
                          captions=[Caption(t, self.name) for t in caps.pop(image_id, [])])
-            if image_id in bad:
-                rec.fail("source", f"bad annotation for image {image_id}: {bad.pop(image_id)}")
             ann = f'{head},"objects":[{",".join(anns.pop(image_id, []))}]}}'
             yield item(make_key(self.name, image_id), file_name, rec, ann, root=self.images)
-        for image_id in sorted((set(anns) | set(caps) | set(bad)) - set(images), key=str):
+        for image_id in sorted((set(anns) | set(caps)) - set(images), key=str):
             rec = Record(source=self.name, image_id=image_id)
-            n_a, n_c = len(anns.get(image_id, [])) + (image_id in bad), len(caps.get(image_id, []))
+            n_a, n_c = len(anns.get(image_id, [])), len(caps.get(image_id, []))
             rec.fail("source", f"{n_a} annotations and {n_c} captions point to image id {image_id}, "
                                f"which is not in the images list")
             yield item(make_key(self.name, image_id), None, rec)
@@ -162,16 +151,19 @@ class CocoSource(Source):
 
     @staticmethod
     def materialize(record: Record, ann: dict[str, Any]) -> None:
-        """COCO segmentations to RLE segments at the annotated size; empty masks are dropped."""
+        """COCO segmentations to RLE segments at the annotated size; empty masks are dropped.
+
+        Each segmentation is checked (:func:`check_segmentation`) before pycocotools rasterises it;
+        the first refused one fails the image, naming its index in the annotation file."""
         objects = ann.get("objects", [])
         if not objects:
             return
         h, w = record.height, record.width
         rles = []
         for o in objects:
-            reason = check_segmentation(o["segmentation"], w, h)  # the image may differ from the plan's size
+            reason = check_segmentation(o["segmentation"], w, h)
             if reason is not None:
-                raise ValueError(reason)
+                raise ValueError(f"annotations[{o.get('i', '?')}]: {reason}")
             rles.append(rle_utils.from_coco_segmentation(o["segmentation"], h, w))
         areas = rle_utils.area(rles)
         boxes = rle_utils.bbox(rles)

@@ -32,6 +32,9 @@ M = TypeVar("M", bound=BaseModel)
 #: Deepest nesting of arrays and objects accepted in an annotation file (COCO polygons are 4 deep).
 MAX_JSON_DEPTH = 32
 _CHUNK = 1 << 20
+_BRACKET = np.zeros(256, dtype=np.int8)  # byte -> +1 opens, -1 closes an array or object
+_BRACKET[[0x5B, 0x7B]] = 1
+_BRACKET[[0x5D, 0x7D]] = -1
 
 
 class _Loose(BaseModel):
@@ -101,39 +104,41 @@ def json_file(path: str | Path, what: str) -> Path:
     return p
 
 
-def check_depth(path: Path, limit: int = MAX_JSON_DEPTH) -> int:
+def check_depth(path: Path, limit: int = MAX_JSON_DEPTH, chunk: int = _CHUNK) -> int:
     """The deepest nesting of ``[``/``{`` outside strings, stopping early once past ``limit``.
 
     Vectorised over 1 MiB chunks with numpy (no JSON library reports depth without building
-    the document): a quote preceded by an odd run of backslashes is escaped, the parity of the
-    unescaped quotes marks string contents, and the running sum of opening minus closing brackets
-    outside strings is the depth. Carried between chunks: depth, string parity, trailing backslashes.
+    the document): a quote preceded by an odd run of backslashes is escaped, a bracket is inside a
+    string when an odd number of unescaped quotes precede it, and the running sum of opening minus
+    closing brackets outside strings is the depth. Only brackets and quotes are gathered, so a chunk
+    costs a few passes over its bytes (planning runs in the job's driver, where every pass over the
+    annotation bytes counts); the backslash runs are measured only in chunks that hold a backslash.
+    Carried between chunks: depth, string parity, trailing backslashes.
     """
     depth, in_string, trailing_bs, deepest = 0, 0, 0, 0
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            b = np.frombuffer(chunk, dtype=np.uint8)
-            pos = np.arange(b.size, dtype=np.int32)
-            # index of the last non-backslash at or before each position (-1: none in this chunk)
-            last_nb = np.maximum.accumulate(np.where(b == 0x5C, np.int32(-1), pos))
-            del pos
+        while data := f.read(chunk):
+            b = np.frombuffer(data, dtype=np.uint8)
             quote = np.flatnonzero(b == 0x22)
-            prev = quote - 1
-            lnb = np.where(prev >= 0, last_nb[np.maximum(prev, 0)], -1)
-            run = np.where(lnb >= 0, prev - lnb, quote + trailing_bs)  # backslashes just before each quote
-            toggles = np.zeros(b.size, dtype=np.int8)
-            toggles[quote[run % 2 == 0]] = 1
-            parity = (np.cumsum(toggles, dtype=np.int32) + in_string) % 2
-            delta = np.zeros(b.size, dtype=np.int8)
-            delta[(b == 0x5B) | (b == 0x7B)] = 1
-            delta[(b == 0x5D) | (b == 0x7D)] = -1
-            delta[parity == 1] = 0
-            levels = depth + np.cumsum(delta, dtype=np.int32)
-            deepest = max(deepest, int(levels.max()))
-            if deepest > limit:
-                return deepest
-            depth, in_string = int(levels[-1]), int(parity[-1])
-            trailing_bs = b.size - 1 - int(last_nb[-1]) if last_nb[-1] >= 0 else b.size + trailing_bs
+            if quote.size and (trailing_bs or b"\\" in data):
+                # index of the last non-backslash at or before each position (-1: none in this chunk)
+                last_nb = np.maximum.accumulate(np.where(b == 0x5C, -1, np.arange(b.size)))
+                prev = quote - 1
+                lnb = np.where(prev >= 0, last_nb[np.maximum(prev, 0)], -1)
+                run = np.where(lnb >= 0, prev - lnb, quote + trailing_bs)  # backslashes just before each quote
+                quote = quote[run % 2 == 0]
+            brackets = np.flatnonzero(_BRACKET[b])
+            if brackets.size:
+                delta = _BRACKET[b[brackets]]
+                delta[(np.searchsorted(quote, brackets) + in_string) % 2 == 1] = 0  # inside a string
+                levels = depth + np.cumsum(delta, dtype=np.int64)
+                deepest = max(deepest, int(levels.max()))
+                if deepest > limit:
+                    return deepest
+                depth = int(levels[-1])
+            in_string = (in_string + quote.size) % 2
+            kept = len(data.rstrip(b"\\"))
+            trailing_bs = len(data) - kept if kept else len(data) + trailing_bs
     return deepest
 
 
