@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,11p' "$0"; exit 0; fi
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
-NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+NPROC=${NPROC:-$({ nvidia-smi -L 2>/dev/null || true; } | wc -l)}  # no nvidia-smi: 0 (pipefail)
 [[ "$NPROC" -gt 0 ]] || NPROC=1
 if [[ -z "${HEAD:-}" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
   HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
