@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,19 @@ def test_counts_cover_matches_the_one_by_one_parse_and_refuses_negative_runs():
     assert e.value.index == 1
     with pytest.raises(ValueError):
         rle.decode({"size": [2, 4], "counts": sneaky})
+
+
+def test_counts_cover_agrees_with_rle_counts_on_random_strings():
+    """Any string of RLE characters, well-formed or not, between good ones: the batched parse gives the
+    one-by-one parse's total or its error, for the right string."""
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        s = "".join(chr(48 + v) for v in rng.integers(0, 64, rng.integers(1, 12)))
+        try:
+            expected = int(rle.rle_counts(s).sum())
+        except ValueError as e:
+            with pytest.raises(rle.CountsError, match=re.escape(str(e))) as got:
+                rle.counts_cover(["0", s, "3"])
+            assert got.value.index == 1
+        else:
+            assert rle.counts_cover(["0", s, "3"]).tolist() == [0, expected, 3]
