@@ -109,3 +109,15 @@ def test_validator_reports_limits_without_reading_the_claims(tmp_path):
     problems = [str(p) for p in validate(tmp_path)]
     assert any("test_0" in p and "more than the limit of 4194304" in p for p in problems), problems
     assert any("test_1" in p and "1600000000 pixels, more than the limit" in p for p in problems), problems
+
+
+def test_samples_before_a_bad_shard_arrive_before_its_error(tmp_path):
+    """The reader decodes windows of samples; a shard that fails mid-window still comes after the
+    samples read before it, as with one sample at a time."""
+    (tmp_path / "shard-000000.tar").write_bytes(_tar(_good(0) + _good(1)))
+    (tmp_path / "shard-000001.tar").write_bytes(gzip.compress(_tar(_good(2))))
+    seen = []
+    with pytest.raises(shards.SchemaError, match="not a readable plain tar"):
+        for s in shards.iter_samples(tmp_path):
+            seen.append(s.key)
+    assert seen == ["test_0", "test_1"]
