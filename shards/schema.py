@@ -1,9 +1,9 @@
 """The typed model of one shard sample (schema version 1), shared by writer, reader and validator.
 
 The format is documented for humans in ``shards/SCHEMA.md``; this module is its executable form.
-Dataclasses rather than pydantic keep the hot path (millions of segments) cheap: ``from_dict``
-validates by hand with messages that name the offending field, and nothing here ever evaluates or
-unpickles anything.
+``from_dict`` validates by hand with messages that name the offending field (the reference: the
+validator and the writer use it, and the reader's faster parse, ``shards/sample_json.py``, falls
+back to it for every message), and nothing here ever evaluates or unpickles anything.
 
 Shards come from other people, so ``from_dict`` treats the JSON as untrusted: every string must
 encode as UTF-8 (JSON can carry lone surrogates that crash a tokenizer later), keys are at most
