@@ -15,6 +15,18 @@ The writer and the reader (:class:`FeatureCacheReader`, used by the data loader)
 together. The metadata carries the model config's
 :meth:`~trainer.model.ModelConfig.backbone_fingerprint`, and the reader refuses a cache whose
 fingerprint differs from its model's.
+The CLIP text tower is frozen too, and a training step from cached features spends most of its
+time encoding the step's texts (12 blocks over 77 tokens per text, against a small trainable
+head). So the cache also holds, per sample, the text embeddings of every text of every segment
+(``{key}/text_emb`` ``[T, embed_dim]``) and their :func:`~trainer.model.text_ids`
+(``{key}/text_ids``), whichever text the loader draws: the step reads its rows instead of running
+the tower. They are stored in fp32 whatever ``cache_dtype`` is (a few KB per sample), computed as
+the live step computes them (``USEModel.encode_text``, outside autocast), so the loss and gradient
+from the cache equal the live ones to float rounding (``tests/test_train_cache.py``). A text
+missing from the cache (the shard changed after caching) is an error naming it; a cache written
+before texts were cached (``format`` below 2) is recomputed by ``cache-features``, and read as it
+is (texts encoded live) until then.
+
 A shard's file is written through a temporary name and renamed, so a file that exists is complete
 and an interrupted job resumes where it stopped. Files are written tensor by tensor (the
 safetensors layout is an 8-byte header length, a JSON header, then raw bytes), so memory stays at
@@ -40,12 +52,21 @@ import shards
 
 from .config import TrainConfig
 from .distributed import barrier, init_distributed
+from .model import text_ids
 from .runtime import autocast_for, build_model
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CACHE_FORMAT = "2"  # 1: backbone features; 2: plus text embeddings
+TEXT_EMB, TEXT_IDS = "text_emb", "text_ids"  # per-sample entries beside the feature levels
+TEXT_CHUNK = 256  # texts per text-tower forward while caching
+
+
+def sample_texts(sample: shards.ShardSample) -> list[str]:
+    """Every distinct text of the sample's segments, in order of appearance (what the loader may draw)."""
+    return list(dict.fromkeys(t.text for s in sample.meta.segments for t in s.texts))
 
 
 def cache_path(cache_dir: str | Path, url: str) -> Path:
@@ -56,7 +77,8 @@ def cache_path(cache_dir: str | Path, url: str) -> Path:
 
 
 class FeatureCacheReader:
-    """Reads one sample's cached backbone features; safetensors files opened lazily, once per worker."""
+    """Reads one sample's cached backbone features and text embeddings; safetensors files opened
+    lazily, once per worker."""
 
     def __init__(self, cache_dir: str | Path, fingerprint: str):
         self.cache_dir = str(cache_dir)
@@ -88,7 +110,22 @@ class FeatureCacheReader:
         f, index = self._file(url)
         if key not in index:
             raise KeyError(f"sample {key} missing from the feature cache of {url}")
-        return {level: f.get_tensor(f"{key}/{level}") for level in sorted(index[key])}
+        return {level: f.get_tensor(f"{key}/{level}") for level in sorted(index[key])
+                if level not in (TEXT_EMB, TEXT_IDS)}
+
+    def text_embeddings(self, url: str, key: str, texts: list[str]) -> torch.Tensor | None:
+        """Cached embeddings ``[len(texts), embed_dim]`` fp32 of texts of sample ``key``, or None when
+        this cache holds no texts (written before format 2: the step encodes them live)."""
+        f, index = self._file(url)
+        if TEXT_EMB not in index.get(key, ()):
+            return None
+        rows = {t: i for i, t in enumerate(f.get_tensor(f"{key}/{TEXT_IDS}").tolist())}
+        wanted = text_ids(texts).tolist()
+        missing = [t for t, i in zip(texts, wanted, strict=True) if i not in rows]
+        if missing:
+            raise KeyError(f"text {missing[0]!r} of sample {key} is not in the feature cache of {url}: the shard "
+                           f"changed after caching; rerun `python -m trainer cache-features`")
+        return f.get_tensor(f"{key}/{TEXT_EMB}")[[rows[i] for i in wanted]]
 
 
 class StreamingSafetensorsWriter:
@@ -137,7 +174,8 @@ def _valid_cache(path: Path, fp: str) -> bool:
         return False
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return (f.metadata() or {}).get("fingerprint") == fp
+            meta = f.metadata() or {}
+            return meta.get("fingerprint") == fp and meta.get("format") == CACHE_FORMAT
     except Exception:  # a truncated or foreign file: recompute it
         return False
 
@@ -172,7 +210,7 @@ def cache_features(cfg: TrainConfig, shards_dir: str | Path, out_dir: str | Path
                     n += _write_batch(model, batch, writer, dtype, info.device,
                                       autocast_for(info.device, cfg.precision))
                     batch = []
-            meta = {"fingerprint": fp, "dtype": cfg.cache_dtype, "grid": str(model.grid), "samples": str(n),
+            meta = {"fingerprint": fp, "format": CACHE_FORMAT, "dtype": cfg.cache_dtype, "grid": str(model.grid), "samples": str(n),
                     "shard": Path(url).name, "model_config": json.dumps(model.config.to_dict())}
             done.append(writer.close(meta))
         except BaseException:
@@ -197,4 +235,20 @@ def _write_batch(model, batch: list[shards.ShardSample], writer: StreamingSafete
                     else "is not finite in the backbone output"
                 raise ValueError(f"feature cache: sample {s.key} level {level} {where}")
             writer.add(f"{s.key}/{level}", stored)
+    _write_texts(model, batch, writer)
     return len(batch)
+
+
+def _write_texts(model, batch: list[shards.ShardSample], writer: StreamingSafetensorsWriter) -> None:
+    """Every text of the batch's samples through the frozen text tower, in fp32 outside autocast as
+    :meth:`trainer.train.Trainer.train_step` encodes them; each distinct text once per chunk."""
+    per_sample = [sample_texts(s) for s in batch]
+    unique = list(dict.fromkeys(t for texts in per_sample for t in texts))
+    row = {t: i for i, t in enumerate(unique)}
+    with torch.no_grad():
+        emb = torch.cat([model.encode_text(unique[i:i + TEXT_CHUNK]).float().cpu()
+                         for i in range(0, len(unique), TEXT_CHUNK)]) if unique else None
+    for s, texts in zip(batch, per_sample, strict=True):
+        if texts:
+            writer.add(f"{s.key}/{TEXT_EMB}", emb[[row[t] for t in texts]])
+            writer.add(f"{s.key}/{TEXT_IDS}", text_ids(texts))

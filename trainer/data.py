@@ -27,7 +27,9 @@ Choices that differ from a plain ``open_shards(..., shuffle=N)``, and why:
 
 Each batch is a dict: ``keys`` (B), ``pixels`` {backbone: [B, 3, H, W]} or ``features``
 {level: [B, 1 + G*G, C]} (feature cache), ``area_weights`` [S, G*G] (rows sum to 1),
-``image_index`` Long[S] (which image of the batch each segment belongs to) and ``texts`` (S).
+``image_index`` Long[S] (which image of the batch each segment belongs to), ``texts`` (S) and, from
+a feature cache that holds them, ``text_emb`` [S, E]: the frozen text tower's embeddings of
+``texts``, so the step does not run the tower.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class SampleProcessor:
         out: dict[str, Any] = {"key": sample.key, "area_weights": inputs.weights[keep], "texts": texts}
         if self.cache is not None:
             out["features"] = self.cache.get(sample.url, sample.key)
+            text_emb = self.cache.text_embeddings(sample.url, sample.key, texts)
+            if text_emb is not None:
+                out["text_emb"] = text_emb
         else:
             out["pixels"] = inputs.pixels
         return out
@@ -136,6 +141,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "image_index": torch.cat([torch.full((len(it["texts"]),), i, dtype=torch.long) for i, it in enumerate(items)]),
         "texts": [t for it in items for t in it["texts"]],
     }
+    if all("text_emb" in it for it in items):
+        batch["text_emb"] = torch.cat([it["text_emb"] for it in items])
     for field in ("pixels", "features"):
         if field in items[0]:
             batch[field] = {name: torch.stack([it[field][name] for it in items]) for name in items[0][field]}

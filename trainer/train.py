@@ -2,7 +2,8 @@
 
 One step: a batch of images per rank (a variable number of segments each) -> frozen backbone
 features (or the feature cache) -> segment embeddings through the DDP-wrapped model -> frozen text
-embeddings of one randomly drawn text per segment -> symmetric contrastive loss with negatives
+embeddings of one randomly drawn text per segment (from the feature cache when it holds them,
+else the text tower) -> symmetric contrastive loss with negatives
 from every rank -> backward, global-norm clipping, AdamW step, scheduler step (warmup + cosine,
 :mod:`trainer.optim`). The learning rate is a function of the step alone, so resuming needs only the
 step number.
@@ -172,8 +173,12 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         lr = self.scheduler.get_last_lr()[0]
         moved = _to(batch, self.device)
-        with torch.no_grad():
-            text_emb = self.model.encode_text(batch["texts"]).float()
+        cached = batch.get("text_emb")
+        if cached is not None:  # the frozen text tower's output, cached by `cache-features`
+            text_emb = cached.to(self.device, non_blocking=self.device.type == "cuda").float()
+        else:
+            with torch.no_grad():
+                text_emb = self.model.encode_text(batch["texts"]).float()
         self.model.train()
         with autocast_for(self.device, self.cfg.precision):
             seg_emb, scale = self.ddp(moved["inputs"], moved["area_weights"], moved["image_index"],
