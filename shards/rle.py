@@ -162,11 +162,11 @@ def counts_cover(counts: Sequence[str]) -> np.ndarray:
     # 5 bits per character, least significant first; bit 0x10 of a number's last character is its
     # sign: v - 32 is the 5-bit digit of a continued character and the signed top digit of a last one
     u = (v - ((v >= 16).view(np.uint8) << 5)).view(np.int8)
-    top = u[last].astype(np.int64)  # the top digit: all of a one-character number
-    x = np.where(lengths > 1, (top << 5) + (u[last - 1] & 0x1F), top)  # two characters: a quarter of COCO's
-    longer = np.flatnonzero(lengths > 2)
-    for d in range(2, int(lengths.max())):  # Horner's rule for the few longer numbers, digit by digit
-        longer = longer[lengths[longer] > d]
+    x = u[last].astype(np.int64)  # the top digit: all of a one-character number (three quarters of COCO's)
+    longer = np.flatnonzero(lengths > 1)
+    for d in range(1, int(lengths.max())):  # Horner's rule for the longer numbers, digit by digit
+        if d > 1:
+            longer = longer[lengths[longer] > d]
         x[longer] = (x[longer] << 5) + (u[last[longer] - d] & 0x1F)
     first = np.searchsorted(last, ends - lens + 1)  # each string's first number
     x0 = x[first]
