@@ -45,12 +45,14 @@ def _parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
                          description="Run a curation job; rerunning the same command resumes it.")
     cur.add_argument("--config", required=True, help="job YAML: a path or a bundled name (coco, vg, folder, "
                                                      "coco-annotations, demo)")
-    cur.add_argument("--images", help="image directory (source.images)")
-    cur.add_argument("--annotations", help="COCO instances JSON or VG image_data.json (source.annotations)")
-    cur.add_argument("--captions", help="COCO captions JSON (source.captions)")
-    cur.add_argument("--regions", help="VG region_descriptions.json (source.regions)")
+    cur.add_argument("--images", help="image directory (source.images); a path, s3://bucket/prefix or gs://...")
+    cur.add_argument("--annotations", help="COCO instances JSON or VG image_data.json (source.annotations); a "
+                                           "path or an s3:// / gs:// URL")
+    cur.add_argument("--captions", help="COCO captions JSON (source.captions); a path or URL")
+    cur.add_argument("--regions", help="VG region_descriptions.json (source.regions); a path or URL")
     cur.add_argument("--output", "--out", dest="output", required=True,
-                     help="output directory: shards, manifest, failures, summary")
+                     help="output directory (or s3:// / gs:// prefix): shards, manifest, failures, summary; "
+                          "credentials come from the usual AWS / Google environment and config")
     cur.add_argument("--overwrite", action="store_true",
                      help="replace what another job (or an earlier run) wrote into --output and start afresh")
     cur.add_argument("--retry-failed", action="store_true",

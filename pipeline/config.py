@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.stages.config import CaptionerConfig, GrounderConfig, PhraseConfig, SegmenterConfig
-from shards import overrides
+from shards import overrides, storage
 from shards.image import MAX_BYTES, MAX_PIXELS, MIN_SIDE, ReadPolicy
 
 STAGES = ("captioner", "phrases", "grounder", "segmenter")
@@ -47,7 +47,7 @@ class _Strict(BaseModel):
 
 
 class SourceConfig(_Strict):
-    """Where the images and annotations are. Paths may also come from the CLI flags."""
+    """Where the images and annotations are: paths or ``s3://`` / ``gs://`` URLs. Also from the CLI flags."""
 
     kind: Literal["coco", "vg", "folder"] = Field("coco", description="source format")
     name: str = Field("", description="dataset name: the key prefix, record.source and the text source of "
@@ -72,6 +72,8 @@ class SourceConfig(_Strict):
                      call_default_factory=True)]
         if wrong:
             raise ValueError(f"a {self.kind} source does not use {', '.join(wrong)}")
+        for name in ("images", "annotations", "captions", "regions"):
+            storage.check_url(getattr(self, name), f"source.{name}")
         return self
 
     @property
@@ -290,7 +292,7 @@ def data_fields(cfg: JobConfig) -> dict[str, Any]:
             return
         key = ".".join(path)
         if path[:1] == ("source",) and path[-1] in ("images", "annotations", "captions", "regions") and node:
-            node = str(Path(node).expanduser().resolve())
+            node = node.rstrip("/") if storage.is_remote(node) else str(Path(node).expanduser().resolve())
         out[key] = node
 
     data = cfg.model_dump(mode="json")

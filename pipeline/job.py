@@ -28,6 +28,10 @@ whose *process* dies (segfault, CUDA out of memory, ``os._exit``) or hangs past
 remembers which images were in hand, so the retried batch runs image by image and an image that
 took the process down ``ray.image_attempts`` times becomes a failure of that stage alone. Rows lost
 anyway (a batch out of retries) are recorded as failures at the end, so the job always finishes.
+
+``output`` may be an ``s3://`` / ``gs://`` URL (:mod:`shards.storage`): the write tasks upload their
+shards there themselves (tar first, stats object last: the commit), the job's small files are single
+PUTs, and there is no ``.lock`` (object storage has no lock; one job per prefix is the user's rule).
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ from pipeline.nms import mask_nms
 from pipeline.record import Record, records_of, with_records
 from pipeline.retry import retry_per_item
 from pipeline.sources import SourceError, make_source, read_item
+from shards import storage
 from shards.schema import SampleMeta
-from shards.writer import write_shards
+from shards.writer import is_shard_name, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -443,19 +448,24 @@ def check_models(cfg: JobConfig, config_name: str = "", overrides: list[str] | t
     raise ModelsMissing("; ".join(parts))
 
 
-def check_output(cfg: JobConfig, output: Path, config_name: str = "") -> None:
+def _at(output: Path | str, name: str) -> Path | str:
+    """A file of the output directory: a ``Path`` locally, a URL on object storage."""
+    return storage.join(output, name) if isinstance(output, str) else output / name
+
+
+def check_output(cfg: JobConfig, output: Path | str, config_name: str = "") -> None:
     """Refuse an output directory that holds another job's shards (compared by the data-affecting
     config fields, not the YAML text); a rerun of the same job resumes."""
     import shards
 
-    snapshot = output / CONFIG_SNAPSHOT
-    if not output.exists() or (not snapshot.exists() and not shards.list_shards(output)):
+    snapshot = _at(output, CONFIG_SNAPSHOT)
+    if not storage.exists(output) or (not storage.exists(snapshot) and not shards.list_shards(output)):
         return
-    if not snapshot.exists():
+    if not storage.exists(snapshot):
         raise JobRefused(f"{output} holds shards without {CONFIG_SNAPSHOT} (not written by this job); "
                          f"use --overwrite to replace them or choose another --output")
     try:
-        old = JobConfig.model_validate(yaml.safe_load(snapshot.read_text()))
+        old = JobConfig.model_validate(yaml.safe_load(storage.read_text(snapshot)))
     except Exception as e:
         raise JobRefused(f"{snapshot} is not a readable job config ({type(e).__name__}); use --overwrite to "
                          f"replace that job's output or choose another --output") from e
@@ -488,10 +498,16 @@ def output_lock(output: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def clear_output(output: Path) -> None:
+def clear_output(output: Path | str) -> None:
     """``--overwrite``: remove what a job wrote (shards, stats, manifests, summary, config), nothing else."""
     import shards
 
+    if isinstance(output, str):  # object storage: every shard object, committed or not, and the job's files
+        fixed = {"manifest.parquet", "failures.parquet", SUMMARY, CONFIG_SNAPSHOT}
+        for name in storage.listdir(output):
+            if is_shard_name(name) or name.endswith(".stats.json") or name in fixed:
+                storage.remove(storage.join(output, name))
+        return
     for tar in shards.list_shards(output):
         tar.unlink()
     for pattern in ("*.stats.json", ".*.tmp", "manifest.parquet", "failures.parquet", SUMMARY, CONFIG_SNAPSHOT):
@@ -514,7 +530,15 @@ def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True, overwr
     import shards
 
     t0 = time.time()
-    output = Path(output)
+    remote = storage.is_remote(output)
+    try:
+        storage.check_url(output, "--output")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if remote and cfg.shards.writers == "driver":
+        raise ConfigError(f"--output {output}: shards.writers=driver writes local directories only; use write "
+                          f"tasks (shards.writers=N) for object storage")
+    output = str(output).rstrip("/") if remote else Path(output)
     items = plan_items(cfg)
     joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if not joined:
@@ -523,7 +547,7 @@ def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True, overwr
         check_output(cfg, output, config_name)
     started = False
     with contextlib.ExitStack() as stack:
-        if output.exists():  # refuse a second job before starting anything
+        if not remote and output.exists():  # refuse a second job before starting anything
             stack.enter_context(output_lock(output))
         try:
             if overwrite or _todo(items, output, retry_failed, finish_commits=False):
@@ -531,7 +555,7 @@ def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True, overwr
                 import ray
 
                 check_resources(cfg, ray.cluster_resources(), strict=not joined)  # a cluster may autoscale
-            if not output.exists():  # the first write of the job, after every check passed
+            if not remote and not output.exists():  # the first write of the job, after every check passed
                 output.mkdir(parents=True)
                 stack.enter_context(output_lock(output))
             if overwrite:
@@ -548,7 +572,7 @@ def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True, overwr
             shards.build_manifest(output)
             summary = _summary(output, len(items), len(items) - len(todo), processed, retried, time.time() - t0,
                                captions_cut)
-            _write_text(output / SUMMARY, json.dumps(summary, indent=1))
+            _write_text(_at(output, SUMMARY), json.dumps(summary, indent=1))
         finally:
             if started:
                 import ray
@@ -557,15 +581,15 @@ def run_job(cfg: JobConfig, output: str | Path, *, progress: bool = True, overwr
     if summary["written"] == 0:
         by_stage = ", ".join(f"{k} {v}" for k, v in summary["failed_by_stage"].items())
         raise JobFailed(f"no input became a sample: all {summary['failed']} failed ({by_stage}); "
-                        f"see {output / 'failures.parquet'}")
+                        f"see {_at(output, 'failures.parquet')}")
     return summary
 
 
-def _todo(items: list[dict[str, str]], output: Path, retry_failed: bool, finish_commits: bool = True,
+def _todo(items: list[dict[str, str]], output: Path | str, retry_failed: bool, finish_commits: bool = True,
           ) -> list[dict[str, str]]:
     import shards
 
-    if not output.exists():
+    if not storage.exists(output):
         return list(items)
     written, _ = shards.done_keys(output, finish_commits=finish_commits)
     failed = shards.failure_records(output, finish_commits=finish_commits)
@@ -573,7 +597,7 @@ def _todo(items: list[dict[str, str]], output: Path, retry_failed: bool, finish_
     return [it for it in items if it["key"] not in done]
 
 
-def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress: bool, verbose: bool,
+def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path | str, progress: bool, verbose: bool,
              ) -> tuple[int, int]:
     """Run the dataset over ``todo``, its write tasks committing the shards; rows the dataset lost
     become failures. Returns (inputs processed, LLaVA answers cut at their token budget)."""
@@ -601,7 +625,7 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
                 ds = ds.map_batches(write_batch, batch_format="numpy", batch_size=sc.max_samples,
                                     num_cpus=cfg.ray.task_cpus, max_retries=cfg.ray.task_retries,
                                     compute=ray.data.TaskPoolStrategy(size=sc.writers),
-                                    fn_kwargs={"output": str(output.resolve()), "prefix": sc.prefix,
+                                    fn_kwargs={"output": _location(output), "prefix": sc.prefix,
                                                "max_samples": sc.max_samples, "max_bytes": sc.max_bytes, "run": run})
                 seen, captions_cut = set(), 0
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -628,7 +652,13 @@ def _process(cfg: JobConfig, todo: list[dict[str, str]], output: Path, progress:
     return len(todo), captions_cut
 
 
-def shards_done(output: Path) -> tuple[set[str], set[str]]:
+def _location(output: Path | str) -> str:
+    """The output as the write tasks get it: an absolute path (workers have other working directories)
+    or the URL (each worker uploads there itself, with its own credentials from its environment)."""
+    return output if isinstance(output, str) else str(output.resolve())
+
+
+def shards_done(output: Path | str) -> tuple[set[str], set[str]]:
     """Keys committed as samples and as failures this far (without touching temp files)."""
     import shards
 
@@ -662,25 +692,28 @@ def _drive_writer(cfg: JobConfig, ds: Any, output: Path, bar: Any) -> tuple[set[
     return seen, captions_cut
 
 
-def _snapshot_config(cfg: JobConfig, output: Path) -> None:
+def _snapshot_config(cfg: JobConfig, output: Path | str) -> None:
     """Keep the first run's config beside the shards; a same-data rerun (other pool or batch sizes)
     resumes without replacing it (``check_output`` refused a config with other data fields)."""
-    path = output / CONFIG_SNAPSHOT
+    path = _at(output, CONFIG_SNAPSHOT)
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    if not path.exists():
+    if not storage.exists(path):
         _write_text(path, text)
-    elif path.read_text() != text:
+    elif storage.read_text(path) != text:
         log.info("%s kept: this run differs from it only in settings that do not change the data", path)
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write with the usual umask permissions."""
+def _write_text(path: Path | str, text: str) -> None:
+    """Atomic write with the usual umask permissions (one PUT on object storage)."""
+    if isinstance(path, str):
+        storage.write_text(path, text)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
 
-def _summary(output: Path, n_in: int, n_skipped: int, processed: int, retried: int, wall: float,
+def _summary(output: Path | str, n_in: int, n_skipped: int, processed: int, retried: int, wall: float,
              captions_cut: int = 0) -> dict[str, Any]:
     import shards
 

@@ -55,14 +55,14 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
                        description="Check every *.tar in DIR: tar integrity, member names and types, the JSON "
                                    "schema, image size, RLEs, bbox/area against the masks, texts, stats files. "
                                    "Prints 'SHARD KEY: message' per problem and a count; exits 1 if any.")
-    p.add_argument("dir", type=Path, help="shard directory")
+    p.add_argument("dir", type=_location, help="shard directory, or an s3:// / gs:// prefix")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_validate)
 
     p = sub.add_parser("stats", help="JSON summary of a shard directory",
                        description="Print a JSON summary: shards, images, segments, texts, failures, segments "
                                    "per image, texts per segment, text and image sources.")
-    p.add_argument("dir", type=Path, help="shard directory")
+    p.add_argument("dir", type=_location, help="shard directory, or an s3:// / gs:// prefix")
     p.set_defaults(run=_stats)
 
     p = sub.add_parser("inspect", help="PNG overlays of samples' segments and texts",
@@ -89,6 +89,13 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _location(value: str) -> Path | str:
+    """A local path as a ``Path``; an ``s3://`` / ``gs://`` URL kept as it is (``Path`` would fold its ``//``)."""
+    from .storage import is_remote
+
+    return value.rstrip("/") if is_remote(value) else Path(value)
+
+
 def _positive(value: str) -> int:
     n = int(value)
     if n < 1:
@@ -97,6 +104,7 @@ def _positive(value: str) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from .storage import isdir
     from .validate import iter_problems, shard_files
 
     problems, files = 0, set()
@@ -104,7 +112,7 @@ def _validate(args: argparse.Namespace) -> int:
         problems += 1
         files.add(problem.shard)
         tqdm.write(str(problem), file=sys.stdout)
-    n = len(shard_files(args.dir)) if args.dir.is_dir() else 0
+    n = len(shard_files(args.dir)) if isdir(args.dir) else 0
     if problems:
         print(f"{problems} problem(s) in {len(files)} file(s); {n} shard(s) checked in {args.dir}")
         return 1

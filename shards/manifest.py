@@ -4,16 +4,21 @@ The stats files are the source of truth (written atomically with each shard); th
 derived index for humans and tools, rebuilt whenever a job finishes or resumes. An input that failed
 and was retried by a later run appears once: as a sample if the retry wrote it, else with its
 latest failure.
+
+On object storage (an ``s3://`` / ``gs://`` directory) the manifest is built from the committed
+shards only (those whose stats object exists) and each parquet file is one PUT.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .writer import commit_order, drop_duplicates, recover
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,7 @@ def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
     re-executed write task committed twice is removed from the later shard
     (:func:`shards.writer.drop_duplicates`): only once no writer runs.
     """
-    out_dir = Path(out_dir)
+    out_dir = str(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
     recover(out_dir)
     drop_duplicates(out_dir)
     rows, failures = [], {}
@@ -51,8 +56,8 @@ def build_manifest(out_dir: str | Path) -> tuple[Path, Path]:
             failures[f["key"]] = {"shard": stats.shard, "key": f["key"], "stage": f["stage"], "error": f["error"]}
     written = {r["key"] for r in rows}
     failures = [f for k, f in failures.items() if k not in written]
-    manifest = out_dir / MANIFEST
-    failed = out_dir / FAILURES
+    manifest = storage.join(out_dir, MANIFEST) if isinstance(out_dir, str) else out_dir / MANIFEST
+    failed = storage.join(out_dir, FAILURES) if isinstance(out_dir, str) else out_dir / FAILURES
     _write_atomic(pa.Table.from_pylist(rows, schema=_MANIFEST_SCHEMA), manifest)
     _write_atomic(pa.Table.from_pylist(failures, schema=_FAILURE_SCHEMA), failed)
     return manifest, failed
@@ -67,15 +72,26 @@ def _rows_from_tar(tar: Path) -> list[dict]:
             for x in iter_samples(tar, on_error="skip")]
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def _write_atomic(table: pa.Table, path: Path | str) -> None:
+    if storage.is_remote(path):
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes(path, buf.getvalue())
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
 
 
 def read_manifest(out_dir: str | Path) -> pa.Table:
-    return pq.read_table(Path(out_dir) / MANIFEST)
+    return _read(out_dir, MANIFEST)
 
 
 def read_failures(out_dir: str | Path) -> pa.Table:
-    return pq.read_table(Path(out_dir) / FAILURES)
+    return _read(out_dir, FAILURES)
+
+
+def _read(out_dir: str | Path, name: str) -> pa.Table:
+    if storage.is_remote(out_dir):
+        return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out_dir, name))))
+    return pq.read_table(Path(out_dir) / name)

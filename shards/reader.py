@@ -33,6 +33,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from . import storage
 from .image import SHARD_POLICY, ImageDecodeError, ReadPolicy, decode_image
 from .image import probe as probe_image
 from .sample_json import parse_sample_jsons
@@ -77,7 +78,14 @@ def load_image(data: bytes, policy: ReadPolicy | None = None) -> Image.Image:
 
 
 def shard_urls(source: str | Path | Sequence[str | Path]) -> list[str]:
-    """A directory, a single tar, a brace pattern or a list of them, as a sorted list of shard paths."""
+    """A directory, a single tar, a brace pattern or a list of them, as a sorted list of shard paths.
+
+    An ``s3://`` / ``gs://`` directory lists its committed shards (those whose stats object exists)."""
+    if storage.is_remote(source) and not source.endswith(".tar") and "{" not in source:
+        urls = list_shards(source)
+        if not urls:
+            raise FileNotFoundError(f"no committed shards (*.tar with *.stats.json) under {source}")
+        return urls
     if isinstance(source, str | Path):
         p = Path(source)
         if p.is_dir():
@@ -272,7 +280,9 @@ def tar_members(urls: Iterator[dict[str, Any]], handler: Any = wds.reraise_excep
     for item in urls:
         url = item["url"]
         try:
-            with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode=_plain_tar_mode(stream)) as tf:
+            # object storage through fsspec (webdataset would pipe gs:// through gsutil and has no s3://)
+            opened = storage.open_read(url) if storage.is_remote(url) else wds.gopen(url)
+            with opened as stream, tarfile.open(fileobj=stream, mode=_plain_tar_mode(stream)) as tf:
                 seekable = _plain_tar_mode(stream) == "r:"
                 for m in tf:
                     if not m.isreg():

@@ -7,6 +7,11 @@ sample key it concerns instead of stopping at the first. It checks what the read
 rely on: tar integrity, member names and types, the JSON schema, the image header's size, RLEs that
 decode to that size (parsed here before pycocotools sees them: pycocotools decodes a malformed RLE
 into uninitialised memory), bbox and area against the mask, non-empty texts, and the stats file.
+
+On object storage (an ``s3://`` / ``gs://`` directory) it checks what readers take there, the
+committed shards (tar and stats object), each fetched into a temporary directory and checked like a
+local one; a tar object without its stats object (an upload in progress or cut short) is logged,
+not read, as every reader skips it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from . import rle
+from . import rle, storage
 from .image import SHARD_POLICY, ImageDecodeError
 from .image import probe as probe_image
 from .schema import (
@@ -34,7 +39,7 @@ from .schema import (
     SchemaError,
     is_valid_key,
 )
-from .writer import file_sha256, list_shards, stats_path
+from .writer import file_sha256, list_shards, stats_name, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,11 @@ class Problem:
 
 
 def shard_files(directory: str | Path) -> list[Path]:
-    """The tars the validator checks: every ``*.tar`` in the directory, sorted by name."""
+    """The tars the validator checks: every ``*.tar`` in the directory, sorted by name (on object
+    storage: the committed ones, as URLs)."""
+    if storage.is_remote(directory):
+        names = storage.listdir(directory)
+        return [storage.join(directory, n) for n in storage.committed(names, stats_name)]
     return sorted(Path(directory).glob("*.tar"))
 
 
@@ -68,6 +77,9 @@ def validate(directory: str | Path) -> list[Problem]:
 
 def iter_problems(directory: str | Path, progress: bool = False) -> Iterator[Problem]:
     """Problems as they are found, directory-level first, then shard by shard (for streaming CLIs)."""
+    if storage.is_remote(directory):
+        yield from _remote_problems(str(directory), progress)
+        return
     directory = Path(directory)
     if not directory.is_dir():
         yield Problem(str(directory), NO_KEY, "not a directory")
@@ -84,10 +96,45 @@ def iter_problems(directory: str | Path, progress: bool = False) -> Iterator[Pro
             yield Problem(tar.name, NO_KEY, "name does not follow PREFIX-NNNNNN.tar, so readers skip this shard")
     for tmp in sorted(directory.glob(".*.tmp")):
         log.warning("%s is left over from an interrupted job; shards.recover() removes or commits it", tmp.name)
+    yield from _check_all(tars, _check_shard, directory.name or str(directory), progress)
+
+
+def _remote_problems(url: str, progress: bool) -> Iterator[Problem]:
+    """:func:`iter_problems` on object storage: one listing, then each committed shard fetched and checked."""
+    names = storage.listdir(url)
+    tars = storage.committed(names, stats_name)
+    label = storage.basename(url) or url
+    if not tars:
+        yield Problem(label, NO_KEY, "no committed shards (a *.tar with its *.stats.json) under this prefix")
+    for name in sorted(names):
+        m = _STATS_NAME.match(name)
+        if m and m["stem"] + ".tar" not in names:
+            yield Problem(name, NO_KEY, "stats file without its tar (the shard was deleted or renamed)")
+        elif name.endswith(".tar") and name not in tars:
+            log.warning("%s has no stats object: not committed (an upload in progress or cut short); readers "
+                        "skip it and the next run of the job removes it", name)
+    named = {storage.basename(t) for t in list_shards(url)}
+    for name in tars:
+        if name not in named:
+            yield Problem(name, NO_KEY, "name does not follow PREFIX-NNNNNN.tar, so readers skip this shard")
+
+    def fetch_and_check(name: str) -> tuple[list[Problem], list[str]]:
+        with storage.staging_dir() as tmp:
+            for n in (name, stats_name(name)):
+                storage.download(storage.join(url, n), tmp)
+            return _check_shard(Path(tmp) / name)
+
+    yield from _check_all(tars, fetch_and_check, label, progress)
+
+
+def _check_all(tars: list, check: Callable[[object], tuple[list[Problem], list[str]]], label: str,
+               progress: bool) -> Iterator[Problem]:
+    """Each shard's problems, keys found in two shards, and a dataset without a single sample."""
     samples = 0
     first_shard: dict[str, str] = {}  # key -> the shard it was first seen in: a key belongs to one shard only
     for tar in tqdm(tars, unit="shard", desc="validate", disable=not progress or not tars):
-        problems, keys = _check_shard(tar)
+        problems, keys = check(tar)
+        tar = Path(tar)
         samples += len(keys)
         yield from problems
         for key in keys:
@@ -96,8 +143,7 @@ def iter_problems(directory: str | Path, progress: bool = False) -> Iterator[Pro
                 yield Problem(tar.name, key, f"key is also in {other}: a sample must be in one shard only "
                                              "(did two jobs write into one directory?)")
     if tars and samples == 0:  # e.g. a job whose every input failed: its shards hold failure records only
-        yield Problem(directory.name or str(directory), NO_KEY,
-                      f"no samples in {len(tars)} shard(s): there is nothing to train on")
+        yield Problem(label, NO_KEY, f"no samples in {len(tars)} shard(s): there is nothing to train on")
 
 
 def check_shard(path: str | Path) -> list[Problem]:

@@ -13,6 +13,11 @@ Two writers share that commit: :class:`ShardWriter`, one process streaming numbe
 the same input finds its shards already committed and writes nothing twice. A re-execution that
 grouped the keys differently (new names) leaves a key in two shards; :func:`drop_duplicates`
 removes the later copies by a fixed rule when the manifest is built.
+
+``out_dir`` may also be an ``s3://`` or ``gs://`` URL (:mod:`shards.storage`), for
+:func:`write_shards` and every reader here: a shard is built in a local temporary directory, then
+its tar object is uploaded and its stats object last; a shard counts as committed only when its
+stats object exists, and :func:`recover` deletes tar objects left without one.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from . import storage
 from .schema import IMAGE_EXTENSIONS, SampleMeta, is_valid_key
 
 log = logging.getLogger(__name__)
@@ -46,9 +52,16 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
-def stats_path(tar_path: Path | str) -> Path:
+def stats_path(tar_path: Path | str) -> Path | str:
+    """The stats file of a shard (a URL string for a shard on object storage)."""
+    if storage.is_remote(tar_path):
+        return storage.join(storage.dirname(tar_path), stats_name(storage.basename(tar_path)))
     p = Path(tar_path)
-    return p.with_name(p.name.removesuffix(".tar") + ".stats.json")
+    return p.with_name(stats_name(p.name))
+
+
+def stats_name(tar_name: str) -> str:
+    return tar_name.removesuffix(".tar") + ".stats.json"
 
 
 def _tmp(path: Path, token: str = "") -> Path:
@@ -131,6 +144,8 @@ class ShardWriter:
             raise ValueError("max_samples and max_bytes must be positive")
         if not PREFIX_RE.match(prefix):
             raise ValueError(f"shard prefix {prefix!r} must match {PREFIX_RE.pattern} (it names files in {out_dir})")
+        if storage.is_remote(out_dir):
+            raise ValueError(f"{out_dir}: ShardWriter writes local directories; write_shards writes object storage")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
@@ -246,13 +261,24 @@ def file_sha256(path: Path) -> str:
 
 
 def list_shards(out_dir: str | Path, prefix: str | None = None) -> list[Path]:
-    """Final shard tars in a directory, sorted by name."""
+    """Final shard tars in a directory, sorted by name.
+
+    On object storage (a URL; the result is URL strings) only committed shards: those whose stats
+    object exists (a tar without it is an upload in progress or one a crash cut short)."""
+    if storage.is_remote(out_dir):
+        return [storage.join(out_dir, name) for name in storage.committed(storage.listdir(out_dir), stats_name)
+                if (m := _SHARD_RE.match(name)) and (prefix is None or m["prefix"] == prefix)]
     out = []
     for p in sorted(Path(out_dir).glob("*.tar")):
         m = _SHARD_RE.match(p.name)
         if m and (prefix is None or m["prefix"] == prefix):
             out.append(p)
     return out
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a file name is a shard tar's (``PREFIX-NNNNNN.tar`` or ``PREFIX-<16 hex>.tar``)."""
+    return _SHARD_RE.match(name) is not None
 
 
 def next_index(out_dir: str | Path, prefix: str) -> int:
@@ -267,7 +293,14 @@ def recover(out_dir: str | Path) -> None:
     hash it names (not one of another attempt at the same shard), delete the rest.
 
     Only while no writer runs (the job calls it before its write tasks start and after they end).
+    On object storage: delete tar objects without a stats object and unfinished uploads.
     """
+    if storage.is_remote(out_dir):
+        names = storage.listdir(out_dir)
+        orphans = [n for n in names if _SHARD_RE.match(n) and stats_name(n) not in names]
+        for name in storage.remove_uncommitted(str(out_dir), orphans):
+            log.warning("removed %s left by an interrupted upload", name)
+        return
     out_dir = Path(out_dir)
     for tmp in sorted(out_dir.glob(".*.tmp")):
         final = _final_of(tmp)
@@ -291,6 +324,12 @@ def commit_order(out_dir: str | Path) -> list[tuple[Path, ShardStats | None]]:
     """Committed shards with their stats, oldest commit first (numbered shards have no other order
     than their numbers; content-named ones have their commit time); ``None`` for a tar without stats
     (placed by its modification time)."""
+    if storage.is_remote(out_dir):  # committed shards only; their stats fetched concurrently
+        tars = list_shards(out_dir)
+        data = storage.read_many([stats_path(t) for t in tars])
+        rows = [(st.created, storage.basename(t), t, st)
+                for t in tars for st in [ShardStats(**json.loads(data[stats_path(t)]))]]
+        return [(tar, st) for _, _, tar, st in sorted(rows, key=lambda r: r[:2])]
     rows = []
     for tar in list_shards(out_dir):
         st = read_stats(tar) if stats_path(tar).exists() else None
@@ -318,8 +357,11 @@ def write_shards(out_dir: str | Path, prefix: str, rows: Iterable[Row], *, run: 
     """
     if not PREFIX_RE.match(prefix):
         raise ValueError(f"shard prefix {prefix!r} must match {PREFIX_RE.pattern}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(out_dir):
+        out_dir = str(out_dir)
+    else:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     groups: list[list[tuple[Row, dict[str, bytes] | None]]] = [[]]
     n = size = 0
     for row in rows:
@@ -337,12 +379,25 @@ def _key(row: Row) -> str:
     return row["key"] if isinstance(row, dict) else row[0].key
 
 
-def _write_group(out_dir: Path, prefix: str, group: list[tuple[Row, dict[str, bytes] | None]], run: str) -> ShardStats:
+def _write_group(out_dir: Path | str, prefix: str, group: list[tuple[Row, dict[str, bytes] | None]],
+                 run: str) -> ShardStats:
     keys = sorted(_key(r) for r, _ in group)
     if len(set(keys)) != len(keys):
         raise ValueError(f"a key appears twice in one write: {sorted({k for k in keys if keys.count(k) > 1})[:3]}")
     digest = hashlib.blake2b("\n".join([run, *keys]).encode(), digest_size=8).hexdigest()
-    final = out_dir / f"{prefix}-{digest}.tar"
+    name = f"{prefix}-{digest}.tar"
+    if storage.is_remote(out_dir):
+        final = storage.join(out_dir, name)
+        if storage.exists(stats_path(final)):
+            log.info("%s was committed by an earlier attempt of this write; kept", name)
+            return read_stats(final)
+        stats = ShardStats(shard=name, run=run)
+        with storage.staging_dir() as staging:  # built locally, then uploaded: tar first, stats last
+            _fill_tar(Path(staging) / name, group, stats)
+            _commit_remote(Path(staging) / name, final, stats)
+        log.info("wrote %s: %d samples, %d failures", final, stats.samples, len(stats.failures))
+        return stats
+    final = out_dir / name
     if stats_path(final).exists():
         log.info("%s was committed by an earlier attempt of this write; kept", final.name)
         return read_stats(final)
@@ -350,23 +405,35 @@ def _write_group(out_dir: Path, prefix: str, group: list[tuple[Row, dict[str, by
     tmp = _tmp(final, token)
     stats = ShardStats(shard=final.name, run=run)
     try:
-        with open(tmp, "wb") as f:
-            tar = wds.TarWriter(f, encoder=False, mtime=0)
-            for row, members in group:
-                if members is None:
-                    stats.failures.append({"key": row["key"], "stage": row["stage"], "error": str(row["error"]),
-                                          **({"retry": True} if row.get("retry") else {})})
-                    continue
-                stats.bytes += tar.write({"__key__": row[0].key, **members})
-                stats.add_sample(row[0])
-            tar.close()
-            f.flush()
-            os.fsync(f.fileno())
+        _fill_tar(tmp, group, stats)
         _commit(tmp, final, stats, token)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("wrote %s: %d samples, %d failures", final.name, stats.samples, len(stats.failures))
     return stats
+
+
+def _fill_tar(path: Path, group: list[tuple[Row, dict[str, bytes] | None]], stats: ShardStats) -> None:
+    """Write the samples of ``group`` into a new tar at ``path`` (fsynced) and its failures into ``stats``."""
+    with open(path, "wb") as f:
+        tar = wds.TarWriter(f, encoder=False, mtime=0)
+        for row, members in group:
+            if members is None:
+                stats.failures.append({"key": row["key"], "stage": row["stage"], "error": str(row["error"]),
+                                      **({"retry": True} if row.get("retry") else {})})
+                continue
+            stats.bytes += tar.write({"__key__": row[0].key, **members})
+            stats.add_sample(row[0])
+        tar.close()
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit_remote(local_tar: Path, final: str, stats: ShardStats) -> None:
+    """Upload a finished local tar as shard ``final`` on object storage: tar object, then stats object."""
+    stats.sha256 = file_sha256(local_tar)
+    stats.created = time.time()
+    storage.commit_files(local_tar, final, json.dumps(stats.__dict__, indent=1).encode(), stats_path(final))
 
 
 def drop_duplicates(out_dir: str | Path) -> dict[str, list[str]]:
@@ -390,37 +457,59 @@ def drop_duplicates(out_dir: str | Path) -> dict[str, list[str]]:
         seen.update(keys)
     for tar, keys in drops.items():
         log.warning("%s: %d key(s) also in an earlier shard (a re-executed write task); removing them here",
-                    tar.name, len(keys))
+                    _name(tar), len(keys))
         _rewrite_without(tar, keys)
-    return {tar.name: sorted(keys) for tar, keys in drops.items()}
+    return {_name(tar): sorted(keys) for tar, keys in drops.items()}
 
 
-def _rewrite_without(tar_path: Path, drop: set[str]) -> None:
+def _name(tar: Path | str) -> str:
+    return storage.basename(tar) if storage.is_remote(tar) else tar.name
+
+
+def _rewrite_without(tar_path: Path | str, drop: set[str]) -> None:
     old = read_stats(tar_path)
     stats = ShardStats(shard=old.shard, failures=old.failures, run=old.run)
+    if storage.is_remote(tar_path):
+        # No rename there: the stats object goes first, so until the new tar and stats are up the shard
+        # is not committed (a crash here makes a rerun redo its other keys; none is ever in two shards).
+        with storage.staging_dir() as staging:
+            src, tmp = Path(staging) / "old.tar", Path(staging) / old.shard
+            fs, path = storage.open_fs(tar_path)
+            fs.get_file(path, str(src))
+            _copy_without(src, tmp, drop, stats)
+            storage.remove(stats_path(tar_path))
+            _commit_remote(tmp, tar_path, stats)
+        return
     token = uuid.uuid4().hex[:12]
     tmp = _tmp(tar_path, token)
     try:
-        with tarfile.open(tar_path) as src, open(tmp, "wb") as f:
-            out = tarfile.open(fileobj=f, mode="w")  # same members, byte for byte, minus the dropped keys
-            for m in src:
-                key = m.name.split(".", 1)[0]
-                if key in drop:
-                    continue
-                data = src.extractfile(m).read() if m.isfile() else None
-                out.addfile(m, None if data is None else io.BytesIO(data))
-                if m.name.endswith(".json") and data is not None:
-                    stats.add_sample(SampleMeta.from_dict(json.loads(data)))
-            out.close()
-            f.flush()
-            os.fsync(f.fileno())
-        stats.bytes = tmp.stat().st_size
+        _copy_without(tar_path, tmp, drop, stats)
         _commit(tmp, tar_path, stats, token)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _copy_without(src_path: Path, tmp: Path, drop: set[str], stats: ShardStats) -> None:
+    """Copy a shard tar without the samples of ``drop`` (fsynced), counting what stays into ``stats``."""
+    with tarfile.open(src_path) as src, open(tmp, "wb") as f:
+        out = tarfile.open(fileobj=f, mode="w")  # same members, byte for byte, minus the dropped keys
+        for m in src:
+            key = m.name.split(".", 1)[0]
+            if key in drop:
+                continue
+            data = src.extractfile(m).read() if m.isfile() else None
+            out.addfile(m, None if data is None else io.BytesIO(data))
+            if m.name.endswith(".json") and data is not None:
+                stats.add_sample(SampleMeta.from_dict(json.loads(data)))
+        out.close()
+        f.flush()
+        os.fsync(f.fileno())
+    stats.bytes = tmp.stat().st_size
+
+
 def read_stats(tar_path: Path | str) -> ShardStats:
+    if storage.is_remote(tar_path):
+        return ShardStats(**json.loads(storage.read_bytes(stats_path(tar_path))))
     data = json.loads(stats_path(tar_path).read_text())
     return ShardStats(**data)
 

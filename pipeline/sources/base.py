@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from pipeline.record import Record
+from shards import storage
 from shards.image import DEFAULT_POLICY, ImageDecodeError, ReadPolicy, decode_image
 from shards.image import probe as probe_header
 
@@ -110,13 +111,14 @@ class Source(ABC):
 
     def __init__(self, name: str, images: str = "", **_: Any):
         self.name = name or self.kind
-        self.images = Path(images) if images else None
+        # a local directory, or an s3:// / gs:// prefix kept as its URL (shards.storage reads it)
+        self.images = (images.rstrip("/") if storage.is_remote(images) else Path(images)) if images else None
 
-    def require_images_dir(self) -> Path:
+    def require_images_dir(self) -> Path | str:
         """``source.images`` as an existing directory, checked before anything is written."""
         if self.images is None:
             raise SourceError(f"a {self.kind} source needs source.images (--images, the image directory)")
-        if not self.images.is_dir():
+        if not storage.isdir(self.images):
             raise SourceError(f"source.images (--images) {self.images} is not a directory")
         return self.images
 
@@ -187,6 +189,8 @@ def read_file(root: str | Path, rel: str, *, max_bytes: int, follow_symlinks_out
     reason = relative_name(rel)
     if reason is not None:
         raise ReadError(reason)
+    if storage.is_remote(root):
+        return _read_object(str(root), rel, max_bytes)
     base = Path(root)
     path = base / rel
     real = Path(os.path.realpath(path))
@@ -218,6 +222,21 @@ def read_file(root: str | Path, rel: str, *, max_bytes: int, follow_symlinks_out
     if len(data) > max_bytes:  # grew after fstat
         raise ReadError(f"file is larger than read.max_bytes={max_bytes}")
     return data
+
+
+def _read_object(root: str, rel: str, max_bytes: int) -> bytes:
+    """:func:`read_file` on object storage: the key stays under the ``--images`` prefix, at most
+    ``max_bytes`` are read; what the storage or the network refuses is retried by the next run."""
+    try:
+        return storage.read_under(root, rel, max_bytes)
+    except FileNotFoundError as e:
+        raise EnvironmentReadError("image file not found") from e
+    except PermissionError as e:
+        raise EnvironmentReadError("cannot read the image file: permission denied") from e
+    except ValueError as e:
+        raise ReadError(str(e)) from e
+    except Exception as e:  # network, credentials, throttling: the environment's fault
+        raise EnvironmentReadError(f"cannot read the image object ({type(e).__name__})") from e
 
 
 def read_item(it: dict[str, Any], *, min_side: int, max_pixels: int, verify: str, max_bytes: int = 1 << 28,

@@ -7,10 +7,11 @@ sizes come from the image itself when it is read.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Any
 
 from pipeline.record import Record
-from shards import make_key
+from shards import make_key, storage
 
 from .base import Source, item
 
@@ -27,6 +28,9 @@ class FolderSource(Source):
         self.limit = limit
 
     def plan(self) -> Iterator[dict[str, str]]:
+        if isinstance(self.images, str):
+            yield from self._plan_objects()
+            return
         n = 0
         for path in sorted(self.images.rglob("*")):
             if path.suffix.lower() not in self.extensions or not path.is_file():
@@ -34,6 +38,19 @@ class FolderSource(Source):
             rel = path.relative_to(self.images).as_posix()
             rec = Record(source=self.name, image_id=rel, file_name=rel,
                          image_ext=path.suffix.lstrip(".").lower())
+            yield item(make_key(self.name, rel), rel, rec, root=self.images)
+            n += 1
+            if self.limit and n >= self.limit:
+                return
+
+    def _plan_objects(self) -> Iterator[dict[str, str]]:
+        """An ``s3://`` / ``gs://`` prefix: one recursive listing (every key is a file), sorted."""
+        n = 0
+        for rel in storage.files_under(self.images):
+            suffix = PurePosixPath(rel).suffix.lower()
+            if suffix not in self.extensions:
+                continue
+            rec = Record(source=self.name, image_id=rel, file_name=rel, image_ext=suffix.lstrip("."))
             yield item(make_key(self.name, rel), rel, rec, root=self.images)
             n += 1
             if self.limit and n >= self.limit:

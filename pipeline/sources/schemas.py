@@ -25,6 +25,8 @@ import ijson
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from shards import storage
+
 from .base import SourceError
 
 M = TypeVar("M", bound=BaseModel)
@@ -94,7 +96,7 @@ def json_file(path: str | Path, what: str) -> Path:
     """The annotation file as a checked path: it exists, is a regular file, and is not nested too deeply."""
     if not str(path):
         raise SourceError(f"no {what} file given")
-    p = Path(path)
+    p = _fetch(str(path), what) if storage.is_remote(path) else Path(path)
     if not p.is_file():
         raise SourceError(f"{what} file {p} not found")
     depth = check_depth(p)
@@ -102,6 +104,16 @@ def json_file(path: str | Path, what: str) -> Path:
         raise SourceError(f"{p}: not a {what} file: JSON nested more than {MAX_JSON_DEPTH} levels deep "
                           f"(annotation files need 4)")
     return p
+
+
+def _fetch(url: str, what: str) -> Path:
+    """A local copy of an annotation file on object storage (streamed parsing and ``mmap`` need a file)."""
+    try:
+        return storage.local_copy(url)
+    except FileNotFoundError:
+        raise SourceError(f"{what} file {url} not found") from None
+    except Exception as e:  # permissions, credentials, network: one line naming the file
+        raise SourceError(f"{what} file {url} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def check_depth(path: Path, limit: int = MAX_JSON_DEPTH, chunk: int = _CHUNK) -> int:

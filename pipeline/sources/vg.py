@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pipeline.record import Box, Record
-from shards import make_key
+from shards import make_key, storage
 
 from .base import Source, SourceError, item
 from .schemas import VgImage, VgImageRegions, elements, json_file
@@ -49,7 +49,7 @@ class VgSource(Source):
                     bad.setdefault(image_id, f"[{i}].regions[{j}] has a non-finite coordinate")
                 regions.append(json.dumps({"phrase": g.phrase, "x": g.x, "y": g.y, "w": g.width, "h": g.height},
                                           separators=(",", ":")))
-        nested = (self.images / "VG_100K").is_dir() or (self.images / "VG_100K_2").is_dir()
+        nested = any(storage.isdir(storage.join(self.images, d)) for d in ("VG_100K", "VG_100K_2"))
         seen: set[str] = set()
         head = json.dumps({"kind": self.kind, "source": self.name}, separators=(",", ":"))[:-1]
         for _, im in elements(images_path, "", VgImage, "VG image_data"):
