@@ -14,12 +14,13 @@ import textwrap
 
 import boto3
 import pytest
+import yaml
 from job_helpers import ROOT, worker_env
 from storage_server import s3_server, upload_dir
 
 import shards
 from pipeline.config import ConfigError, JobConfig, load_config
-from pipeline.job import run_job
+from pipeline.job import JobRefused, check_output, clear_output, run_job
 from pipeline.sources import make_source
 from pipeline.sources.base import EnvironmentReadError, ReadError, read_file
 from pipeline.sources.schemas import json_file
@@ -183,3 +184,19 @@ def test_unsupported_urls_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="shards.writers=driver writes local directories only"):
         run_job(cfg.model_copy(update={"shards": cfg.shards.model_copy(update={"writers": "driver"})}),
                 "s3://bucket/out", progress=False)
+
+
+def test_another_jobs_prefix_is_refused_and_overwrite_clears_only_the_jobs_objects(bucket, rows, tmp_path):
+    out = f"{bucket}/owned"
+    cfg = load_config("pipeline/configs/demo.yaml", [f"source.images={bucket}/imgs"])
+    write_shards(out, PREFIX, rows[:2], run="r", max_samples=100)
+    with pytest.raises(JobRefused, match="holds shards without job_config.yaml"):
+        check_output(cfg, out)
+    storage.write_text(f"{out}/job_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json")))
+    check_output(cfg, out)  # the same job resumes
+    other = load_config("pipeline/configs/demo.yaml", [f"source.images={bucket}/other"])
+    with pytest.raises(JobRefused, match=f"source.images: '{bucket}/imgs' there, '{bucket}/other' here"):
+        check_output(other, out)
+    storage.write_text(f"{out}/notes.txt", "not the job's")
+    clear_output(out)
+    assert _objects(out) == {"notes.txt"}
