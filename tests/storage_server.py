@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import urllib.request
 from collections.abc import Iterator
 
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
@@ -35,6 +36,10 @@ def s3_server(bucket: str = "use-test") -> Iterator[str]:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    # moto keeps its buckets in process-wide state that outlives a server: start every server empty
+    # (a second test module in the same pytest process would otherwise find the first one's bucket)
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"),
+                           timeout=30).close()
     saved = {k: os.environ.get(k) for k in (*ENV, *UNSET, "AWS_ENDPOINT_URL")}
     os.environ.update(ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     for k in UNSET:
