@@ -20,8 +20,10 @@ import argparse
 import json
 import logging
 import sys
+import threading
 
 from pipeline import sam_convert
+from shards import interrupt
 
 _FLAGS = {"images": "images", "annotations": "annotations", "captions": "captions", "regions": "regions"}
 INTERRUPTED = "interrupted; rerun the same command to resume"
@@ -81,6 +83,8 @@ def _parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The command line; Ctrl-C anywhere is one line and exit 130 (a rerun resumes), never a traceback."""
+    if threading.current_thread() is threading.main_thread():
+        interrupt.install(INTERRUPTED)  # Ctrl-C ends the job even if Ray's driver swallows the interrupt
     try:
         return _main(argv, prog)
     except KeyboardInterrupt:

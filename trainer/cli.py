@@ -15,7 +15,10 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, version
+
+from shards import interrupt
 
 from .config import TrainConfig
 from .errors import InputError, TrainingFailed
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     log = logging.getLogger("trainer")
+    hint = "rerun with --resume to continue from the last checkpoint" if args.command == "train" \
+        else "rerun the same command to resume (finished shards are kept)"
+    if threading.current_thread() is threading.main_thread():
+        interrupt.install(f"interrupted; {hint}")  # Ctrl-C ends the run even if the interrupt is swallowed
     try:
         cfg, errors = _check_inputs(args)
         if errors:
@@ -123,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        hint = "rerun with --resume to continue from the last checkpoint" if args.command == "train" \
-            else "rerun the same command to resume (finished shards are kept)"
         print(f"interrupted; {hint}", file=sys.stderr)
         return 130
 
