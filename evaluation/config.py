@@ -58,6 +58,9 @@ class RayEvalConfig(_Strict):
     num_actors: int = Field(1, ge=1, description="evaluation actors (one per GPU on a GPU cluster)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on GPU machines)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
+    start_timeout_s: int = Field(600, ge=0, description=(
+        "wait until every actor has loaded its models before images are handed out, so the pool shares the "
+        "work from the first image; an error if they are not up by then (0: hand out as actors come up)"))
     local_num_cpus: int | None = Field(None, description="local Ray only: CPUs to offer (null: detect)")
     local_num_gpus: int | None = Field(None, description="local Ray only: GPUs to offer (null: detect)")
 

@@ -85,6 +85,9 @@ def run_on_ray(cfg: EvalConfig, dataset: str, root: str, checkpoint: str, oracle
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        # Ray Data hands blocks to whichever actors are up; without this wait one actor that loads first can
+        # take every image while the others are still importing torch on their nodes.
+        ctx.wait_for_min_actors_s = cfg.ray.start_timeout_s or -1
         ds = ray.data.from_items([{"index": i} for i in indices], override_num_blocks=max(1, len(indices)))
         ds = ds.map_batches(
             EvalActor, batch_size=1, batch_format="numpy",
