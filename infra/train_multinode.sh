@@ -23,6 +23,11 @@ PORT=${PORT:-29500}
 JOB_ID=${JOB_ID:-${SLURM_JOB_ID:-use-train}}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 PY=${PY:-.venv/bin/python}
+# A fresh store for every restart round. torchrun's c10d rendezvous otherwise hands the ranks of every
+# round the same agent-hosted TCPStore, whose keys from the round before are still there: a restarted
+# rank can read a dead peer's gloo/NCCL address and hang in process-group creation until the timeout
+# (pytorch/pytorch#135712; seen here under load after a killed rank).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 echo "[train] nodes=$NNODES procs/node=$NPROC rendezvous=$HEAD:$PORT id=$JOB_ID" >&2
 exec "$PY" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --rdzv_id="$JOB_ID" --max-restarts="$MAX_RESTARTS" \

@@ -89,7 +89,9 @@ def init_distributed(device: str | None = None, timeout_s: int = 1800) -> DistIn
         kwargs = {"device_id": dev} if use_cuda else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        log.info("rank %d/%d (local %d) joined the %s process group on %s", rank, world_size, local_rank, backend, dev)
+        log.info("rank %d/%d (local %d) joined the %s process group on %s (store %s:%s, restart %s)", rank,
+                 world_size, local_rank, backend, dev, os.environ.get("MASTER_ADDR", "?"),
+                 os.environ.get("MASTER_PORT", "?"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
