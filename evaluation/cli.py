@@ -26,13 +26,14 @@ from .config import DEFAULT_CONFIG, EvalConfig
 from .datasets import SPECS, DatasetError
 from .datasets.prepare import PREPARERS, prepare
 from .demo_summary import add_parser as add_demo_summary
-from .semseg import evaluate_semseg
 from .tiny_sam import add_parser as add_tiny_sam
 
 PROG = "python -m evaluation"
 
 
 def _semseg(a: argparse.Namespace) -> int:
+    from .semseg import evaluate_semseg  # torch, transformers and Ray: loaded by the command, not by --help
+
     cfg = EvalConfig.from_yaml(a.config, a.overrides)
     doc = evaluate_semseg(cfg, a.dataset, a.root, a.checkpoint, a.output, oracle=a.oracle,
                           save_predictions=a.save_predictions, limit=a.limit, progress=not a.quiet)

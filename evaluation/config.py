@@ -15,14 +15,37 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shards import overrides
 
-from .proposals import AMGConfig
-
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class AMGConfig(_Strict):
+    """Automatic mask generation settings; defaults are segment-anything's ``SamAutomaticMaskGenerator``."""
+
+    model: str = Field("facebook/sam-vit-huge", description="SAM weights: local directory or hub id (resolved "
+                       "like the curation job's, never downloaded here)")
+    models_dir: str | None = Field(None, description="where `python -m pipeline models download` put weights")
+    device: str | None = Field(None, description="torch device; None: cuda if available, else cpu")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU (the prompt encoder always float32)")
+    points_per_side: int = Field(32, ge=1, description="point grid side of the first crop layer")
+    points_per_batch: int = Field(64, ge=1, description="point prompts per mask-decoder forward")
+    pred_iou_thresh: float = Field(0.88, description="keep masks whose predicted IoU is above this; <= 0: off")
+    stability_score_thresh: float = Field(0.95, description="keep masks at least this stable; <= 0: off")
+    stability_score_offset: float = Field(1.0, ge=0, description="logit offset of the stability score")
+    mask_threshold: float = Field(0.0, description="logit at which masks are binarised (SAM's mask_threshold)")
+    box_nms_thresh: float = Field(0.7, ge=0, le=1, description="box IoU of the NMS within a crop")
+    crop_n_layers: int = Field(0, ge=0, description="crop layers beyond the whole image (layer i: (2**i)**2 crops)")
+    crop_nms_thresh: float = Field(0.7, ge=0, le=1, description="box IoU of the NMS across crops")
+    crop_overlap_ratio: float = Field(512 / 1500, ge=0, lt=1, description="crop overlap, fraction of the short side")
+    crop_n_points_downscale_factor: int = Field(1, ge=1, description="points per side / factor**layer in deeper layers")
+    min_mask_region_area: int = Field(0, ge=0, description="holes and islands under this many pixels removed; 0: off")
+    crop_batch_size: int = Field(4, ge=1, description="crops per image-encoder forward")
+    mask_pixel_budget: int = Field(1 << 26, ge=1, description="upscaled mask pixels decoded at once")
 
 
 class PromptConfig(_Strict):

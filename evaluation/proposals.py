@@ -35,16 +35,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torchvision.ops import batched_nms, box_area
 
 from pipeline.models import load_sam, resolve
 from pipeline.sam import (
-    MASK_PIXEL_BUDGET,
     batched_mask_to_box,
     build_all_layer_point_grids,
     decode_prompts,
@@ -60,36 +58,11 @@ from pipeline.sam import (
 )
 from shards import rle as rle_utils
 
+from .config import AMGConfig
+
 #: Settings that change no output (how work is batched, where weights live); left out of the fingerprint.
 _NOT_FINGERPRINTED = ("model", "models_dir", "device", "points_per_batch", "crop_batch_size", "mask_pixel_budget")
 _HASH_BYTES = 1 << 20  # bytes hashed at each end of a weights file
-
-
-class AMGConfig(BaseModel):
-    """Automatic mask generation settings; defaults are segment-anything's ``SamAutomaticMaskGenerator``."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = Field("facebook/sam-vit-huge", description="SAM weights: local directory or hub id (resolved "
-                       "like the curation job's, never downloaded here)")
-    models_dir: str | None = Field(None, description="where `python -m pipeline models download` put weights")
-    device: str | None = Field(None, description="torch device; None: cuda if available, else cpu")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on GPU, float32 on CPU (the prompt encoder always float32)")
-    points_per_side: int = Field(32, ge=1, description="point grid side of the first crop layer")
-    points_per_batch: int = Field(64, ge=1, description="point prompts per mask-decoder forward")
-    pred_iou_thresh: float = Field(0.88, description="keep masks whose predicted IoU is above this; <= 0: off")
-    stability_score_thresh: float = Field(0.95, description="keep masks at least this stable; <= 0: off")
-    stability_score_offset: float = Field(1.0, ge=0, description="logit offset of the stability score")
-    mask_threshold: float = Field(0.0, description="logit at which masks are binarised (SAM's mask_threshold)")
-    box_nms_thresh: float = Field(0.7, ge=0, le=1, description="box IoU of the NMS within a crop")
-    crop_n_layers: int = Field(0, ge=0, description="crop layers beyond the whole image (layer i: (2**i)**2 crops)")
-    crop_nms_thresh: float = Field(0.7, ge=0, le=1, description="box IoU of the NMS across crops")
-    crop_overlap_ratio: float = Field(512 / 1500, ge=0, lt=1, description="crop overlap, fraction of the short side")
-    crop_n_points_downscale_factor: int = Field(1, ge=1, description="points per side / factor**layer in deeper layers")
-    min_mask_region_area: int = Field(0, ge=0, description="holes and islands under this many pixels removed; 0: off")
-    crop_batch_size: int = Field(4, ge=1, description="crops per image-encoder forward")
-    mask_pixel_budget: int = Field(MASK_PIXEL_BUDGET, ge=1, description="upscaled mask pixels decoded at once")
 
 
 class MaskGenerator:

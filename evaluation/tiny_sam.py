@@ -13,20 +13,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from transformers import (
-    SamConfig,
-    SamImageProcessor,
-    SamMaskDecoderConfig,
-    SamModel,
-    SamProcessor,
-    SamPromptEncoderConfig,
-    SamVisionConfig,
-)
-
 
 def build_tiny_sam(directory: str | Path, image_size: int = 64, seed: int = 0) -> Path:
     """Write a tiny random ``SamModel`` + ``SamProcessor`` to ``directory`` (same seed, same weights)."""
+    import torch  # here, not at the top: ``python -m evaluation --help`` does not load torch
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
     directory = Path(directory)
     config = SamConfig(
         vision_config=SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,

@@ -16,15 +16,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shards.overrides import OverrideError
 
-from .build import build_index
 from .config import IndexConfig
-from .export import export_html
-from .query import Hit, SegmentIndex, TextQuery
-from .sheet import write_hits
 from .store import IndexFormatError
+
+if TYPE_CHECKING:
+    from .query import Hit
+
+# torch, Ray and faiss load inside the commands that need them (``build``, ``query``, ``sheet``, ``export``):
+# ``--help`` and a bad argument answer at once.
 
 ERRORS = (IndexFormatError, OverrideError, FileNotFoundError, KeyError, ValueError)
 
@@ -36,6 +39,8 @@ def _fail(e: BaseException) -> int:
 
 
 def _index(a: argparse.Namespace) -> int:
+    from .build import build_index
+
     try:
         cfg = IndexConfig.load(a.config, a.overrides)
         res = build_index(a.checkpoint, a.shards, a.output, cfg, limit_shards=a.limit_shards,
@@ -69,6 +74,10 @@ def _query(a: argparse.Namespace) -> int:
     if (a.text is None) == (a.segment is None) and not (a.html and a.text is None and a.segment is None):
         print("error: give a query text or --segment KEY:ID (not both)", file=sys.stderr)
         return 2
+    from .export import export_html
+    from .query import SegmentIndex, TextQuery
+    from .sheet import write_hits
+
     try:
         index = SegmentIndex(a.index, verify=not a.no_verify)
         if a.nprobe:
