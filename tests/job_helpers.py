@@ -22,6 +22,28 @@ def worker_env() -> dict[str, str]:
     return {"PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
 
 
+def kill_marked(marker: str, timeout: float = 60.0) -> int:
+    """SIGKILL every process whose environment carries ``USE_TEST_RUN=marker`` and wait until they are gone.
+
+    A killed curation driver's Ray processes (GCS, raylet, workers) do not share its process group and
+    die only when they notice: a write task may still commit its shard meanwhile. Ray passes the driver's
+    environment down to them, so the marker finds them all. Returns how many were killed.
+    """
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get("USE_TEST_RUN") == marker:
+                p.kill()
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, f"still alive after SIGKILL: {alive}"
+    return len(procs)
+
+
 def start_ray(num_gpus: int = 2) -> None:
     """Local Ray on 2 CPUs with fake GPUs (scheduling only); workers inherit ``worker_env``."""
     import ray
