@@ -201,8 +201,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     import subprocess
     import sys
     import time
+    import uuid
 
-    from job_helpers import ROOT, worker_env
+    from job_helpers import ROOT, kill_marked, worker_env
 
     paths = write_coco(tmp_path / "data", {f"{i}.png": (24, 20) for i in range(12)}, captions=False)
     out = tmp_path / "out"
@@ -211,7 +212,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
            "impl.captioner=job_probes:SlowProbe", "captioner.enabled=true", "captioner.batch_size=1",
            "captioner.num_cpus=0.5", "shards.max_samples=1", "read.batch_size=1", "ray.num_cpus=2",
            "ray.task_cpus=0.5"]
-    env = {**os.environ, **worker_env(), "USE_PROBE_DELAY": "0.5"}
+    marker = uuid.uuid4().hex
+    env = {**os.environ, **worker_env(), "USE_PROBE_DELAY": "0.5", "USE_TEST_RUN": marker}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -227,6 +229,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        kill_marked(marker)  # a Ray worker of the interrupted run must not commit beside the rerun
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
     assert "Traceback" not in err, err[-3000:]
