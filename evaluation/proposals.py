@@ -21,8 +21,8 @@ Where this differs from transformers' ``mask-generation`` pipeline: one NMS per 
 crops (it runs one NMS over everything), the small-region clean-up (it has none), and crops
 embedded in batches. Where it differs from segment-anything itself: the image is resized by
 transformers' ``SamImageProcessor`` (bilinear on a tensor, vs PIL bilinear on uint8), which moves
-some pixel values by one grey level, and masks are decoded in slices bounded by
-``mask_pixel_budget``; ``tests/test_sam_reference.py`` shows the proposals still equal the reference.
+some pixel values by one grey level, masks are decoded in slices bounded by
+``mask_pixel_budget``, and only masks that pass the predicted-IoU filter are upscaled; ``tests/test_sam_reference.py`` shows the proposals still equal the reference.
 
 Masks leave as COCO RLE (``shards.rle``); each proposal is the reference's record:
 ``{"rle", "bbox", "area", "predicted_iou", "stability_score", "point_coords", "crop_box"}``, with
@@ -55,6 +55,7 @@ from pipeline.sam import (
     uncrop_boxes_xyxy,
     uncrop_masks,
     uncrop_points,
+    upscale_logits,
 )
 from shards import rle as rle_utils
 
@@ -127,25 +128,28 @@ class MaskGenerator:
         points = self.point_grids[layer] * np.array([[cw, ch]])
         parts = []
         for sel in prompt_chunks(len(points), 3 * ch * cw, cfg.mask_pixel_budget, cfg.points_per_batch):
-            logits, iou = decode_prompts(self.model, self.processor, embedding, size, reshaped,
-                                         points=points[sel][:, None], multimask=True)
-            logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)
+            low, iou = decode_prompts(self.model, self.processor, embedding, size, reshaped,
+                                      points=points[sel][:, None], multimask=True, upscale=False)
+            low, iou = low.flatten(0, 1), iou.flatten(0, 1)
             pts = torch.as_tensor(points[sel]).repeat_interleave(3, dim=0)
-            keep = torch.ones_like(iou, dtype=torch.bool)
-            if cfg.pred_iou_thresh > 0:
-                keep &= iou > cfg.pred_iou_thresh
+            # The predicted-IoU filter does not look at the mask: only the masks it keeps are upscaled
+            # (segment-anything upscales every mask first; same result, most masks fail this filter).
+            idx = (iou > cfg.pred_iou_thresh).nonzero()[:, 0] if cfg.pred_iou_thresh > 0 else torch.arange(len(iou), device=iou.device)
+            logits = upscale_logits(self.processor, low[idx][:, None], size, reshaped)[:, 0]
+            del low
             stability = stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
             if cfg.stability_score_thresh > 0:
-                keep &= stability >= cfg.stability_score_thresh
-            masks = logits[keep] > cfg.mask_threshold
+                stable = stability >= cfg.stability_score_thresh
+                logits, stability, idx = logits[stable], stability[stable], idx[stable.to(idx.device)]
+            masks = logits > cfg.mask_threshold
             del logits
             boxes = batched_mask_to_box(masks)
-            edge = is_box_near_crop_edge(boxes, crop_box, [0, 0, w, h])
-            masks, boxes = masks[~edge], boxes[~edge]
-            sel_keep = keep.nonzero()[:, 0][~edge.to(keep.device)]
+            inner = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, w, h])
+            masks, boxes, stability = masks[inner], boxes[inner], stability[inner]
+            idx = idx[inner.to(idx.device)]
             parts.append({"rles": rle_utils.encode(uncrop_masks(masks, crop_box, h, w).cpu().numpy()),
-                          "boxes": boxes.cpu(), "iou": iou[sel_keep].cpu(), "stability": stability[sel_keep].cpu(),
-                          "points": pts[sel_keep.cpu()]})
+                          "boxes": boxes.cpu(), "iou": iou[idx].cpu(), "stability": stability.cpu(),
+                          "points": pts[idx.cpu()]})
         data = _cat(parts)
         if len(data["iou"]):
             keep = batched_nms(data["boxes"].float(), data["iou"], torch.zeros(len(data["boxes"])),

@@ -44,7 +44,7 @@ from transformers import SamModel
 __all__ = [
     "MASK_PIXEL_BUDGET", "SamModelFp32Prompts", "batched_mask_to_box", "build_all_layer_point_grids", "build_point_grid",
     "decode_prompts", "embed_images", "generate_crop_boxes", "is_box_near_crop_edge", "prompt_chunks",
-    "remove_small_regions", "stability_score", "uncrop_boxes_xyxy", "uncrop_masks", "uncrop_points",
+    "remove_small_regions", "stability_score", "uncrop_boxes_xyxy", "uncrop_masks", "uncrop_points", "upscale_logits",
 ]
 
 #: Default bound on upscaled mask pixels decoded at once: 2**26 float32 logits = 256 MiB
@@ -159,13 +159,16 @@ def _to_input_frame(coords: Any, original_size: tuple[int, int], reshaped_size: 
 @torch.inference_mode()
 def decode_prompts(model: Any, processor: Any, embedding: torch.Tensor, original_size: tuple[int, int],
                    reshaped_size: tuple[int, int], *, boxes: Any = None, points: Any = None,
-                   point_labels: Any = None, multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   point_labels: Any = None, multimask: bool = False, upscale: bool = True,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask logits ``(n, k, H, W)`` float32 at the original size and predicted IoUs ``(n, k)``.
 
     ``embedding`` is one image's ``(C, h, w)`` (or ``(1, C, h, w)``) from :func:`embed_images`.
     Prompts are in original-image pixels: ``boxes`` ``(n, 4)`` xyxy, ``points`` ``(n, m, 2)`` xy with
     ``point_labels`` ``(n, m)`` (1 foreground, 0 background; default all 1), each of the ``n``
     prompts its own mask(s). ``k`` is 3 with ``multimask`` (SAM's three granularities), else 1.
+    ``upscale=False`` returns the decoder's low-resolution logits instead (``(n, k, 256, 256)``), for a
+    caller that drops masks by predicted IoU before paying for :func:`upscale_logits`.
     """
     if boxes is None and points is None:
         raise ValueError("decode_prompts needs boxes or points")
@@ -190,5 +193,13 @@ def decode_prompts(model: Any, processor: Any, embedding: torch.Tensor, original
     low, iou = model.mask_decoder(image_embeddings=embedding, image_positional_embeddings=image_pe.to(dtype),
                                   sparse_prompt_embeddings=sparse.to(dtype), dense_prompt_embeddings=dense.to(dtype),
                                   multimask_output=multimask)
-    logits = processor.post_process_masks([low[0].float()], [original_size], [reshaped_size], binarize=False)[0]
-    return logits, iou[0].float()
+    low = low[0].float()
+    return (upscale_logits(processor, low, original_size, reshaped_size) if upscale else low), iou[0].float()
+
+
+def upscale_logits(processor: Any, low: torch.Tensor, original_size: tuple[int, int],
+                   reshaped_size: tuple[int, int]) -> torch.Tensor:
+    """Low-resolution mask logits ``(n, k, 256, 256)`` -> ``(n, k, H, W)`` float32 at the original size
+    (the processor's ``post_process_masks``: to the padded input size, crop the padding, to the image
+    size). Each mask is resized on its own, so resizing a subset gives the same values."""
+    return processor.post_process_masks([low.float()], [original_size], [reshaped_size], binarize=False)[0]
