@@ -98,6 +98,26 @@ def test_training_reads_the_bucket(job, tmp_path):
     assert len(runs["bucket"]) == 3 and runs["bucket"] == runs["disk"]
 
 
+def test_feature_cache_of_bucket_shards_is_a_local_folder(job, tmp_path, capsys):
+    """``cache-features`` and training from the cache on shards in a bucket: the cache goes to a local
+    folder that must be named (the default, beside the shards, is not a folder here)."""
+    bucket, out = job
+    _finished(bucket, out)
+    common = ["--config", str(DEMO), "--shards", out, "--device", "cpu"]
+    assert trainer_cli.main(["cache-features", *common]) == 2
+    assert "is in object storage and the feature cache is a local folder" in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    assert trainer_cli.main(["cache-features", *common, "--output", str(cache)]) == 0
+    assert sorted(p.name for p in cache.glob("*.features.safetensors")) == sorted(
+        storage.basename(u).removesuffix(".tar") + ".features.safetensors" for u in shards.list_shards(out))
+    assert trainer_cli.main(["train", *common, "--output", str(tmp_path / "run"), *FAST, "steps=2",
+                             "use_feature_cache=true"]) == 2  # no cache_dir: refused before anything is written
+    assert not (tmp_path / "run").exists()
+    assert trainer_cli.main(["train", *common, "--output", str(tmp_path / "run"), *FAST, "steps=2",
+                             "use_feature_cache=true", f"cache_dir={cache}"]) == 0
+    assert len(losses(tmp_path / "run")) == 2
+
+
 def test_a_writer_killed_mid_upload_then_a_rerun_finishes(job, capsys):
     bucket, out = job
     bucket_name = bucket.removeprefix("s3://")

@@ -49,9 +49,11 @@ import torch
 from safetensors import safe_open
 
 import shards
+from shards import storage
 
 from .config import TrainConfig
 from .distributed import barrier, init_distributed
+from .errors import InputError
 from .model import text_ids
 from .runtime import autocast_for, build_model
 
@@ -67,6 +69,20 @@ TEXT_CHUNK = 256  # texts per text-tower forward while caching
 def sample_texts(sample: shards.ShardSample) -> list[str]:
     """Every distinct text of the sample's segments, in order of appearance (what the loader may draw)."""
     return list(dict.fromkeys(t.text for s in sample.meta.segments for t in s.texts))
+
+
+def cache_dir_for(cache_dir: str | Path | None, shards_dir: str | Path) -> Path:
+    """Where the feature cache lives: ``cache_dir``, else beside the shards when they are local.
+
+    The cache is a local folder (safetensors files memory-mapped and read per sample); shards in
+    object storage need a ``cache_dir``, or the cache would go to a local path named like the URL.
+    """
+    if cache_dir:
+        return Path(cache_dir)
+    if storage.is_remote(str(shards_dir)):
+        raise InputError(f"--shards {shards_dir} is in object storage and the feature cache is a local folder: "
+                         f"set cache_dir=DIR (cache-features: --output DIR)")
+    return Path(shards_dir)
 
 
 def cache_path(cache_dir: str | Path, url: str) -> Path:
@@ -183,11 +199,11 @@ def _valid_cache(path: Path, fp: str) -> bool:
 def cache_features(cfg: TrainConfig, shards_dir: str | Path, out_dir: str | Path | None = None,
                    batch_size: int = 32, device: str | None = None) -> list[Path]:
     """Write the feature cache of every shard (this rank's share); returns the files written or found."""
+    out = cache_dir_for(out_dir or cfg.cache_dir, shards_dir)
     info = init_distributed(device)
     model = build_model(cfg).to(info.device).eval()
     fp = model.config.backbone_fingerprint()
     dtype = CACHE_DTYPES[cfg.cache_dtype]
-    out = Path(out_dir or cfg.cache_dir or shards_dir)
     out.mkdir(parents=True, exist_ok=True)
     urls = shards.shard_urls(shards_dir)
     mine = urls[info.rank::info.world_size]

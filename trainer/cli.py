@@ -94,6 +94,14 @@ def _check_inputs(args: argparse.Namespace) -> tuple[TrainConfig | None, list[st
         urls = shard_list(args.shards)
     except InputError as e:
         errors.append(str(e))
+    if cfg is not None and (args.command == "cache-features" or cfg.use_feature_cache):
+        from .cache import cache_dir_for
+
+        try:
+            cache_dir_for((args.output or cfg.cache_dir) if args.command == "cache-features" else cfg.cache_dir,
+                          args.shards)
+        except InputError as e:
+            errors.append(str(e))
     if cfg is not None and urls is not None and args.command == "train":
         try:
             steps_per_epoch(cfg.data, urls, int(os.environ.get("WORLD_SIZE", "1")))

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import shards
 
-from .cache import FeatureCacheReader
+from .cache import FeatureCacheReader, cache_dir_for
 from .checkpoint import restore, save_checkpoint
 from .config import TrainConfig
 from .data import SKIP, SampleProcessor, check_enough_shards, make_loader, steps_per_epoch
@@ -72,11 +72,11 @@ def shard_list(shards_dir: str | Path) -> list[str]:
         raise InputError(f"--shards {p}: {e}") from e
 
 
-def make_processor(cfg: TrainConfig, model: USEModel, shards_dir: Path) -> SampleProcessor:
+def make_processor(cfg: TrainConfig, model: USEModel, shards_dir: str | Path) -> SampleProcessor:
     """Sample -> tensors for this model: from images, or from the feature cache when configured."""
     cache = None
     if cfg.use_feature_cache:
-        cache = FeatureCacheReader(cfg.cache_dir or shards_dir, model.config.backbone_fingerprint())
+        cache = FeatureCacheReader(cache_dir_for(cfg.cache_dir, shards_dir), model.config.backbone_fingerprint())
     return SampleProcessor(transform=None if cache else model.transform, grid=model.grid,
                            max_segments=cfg.data.max_segments_per_image, min_area=cfg.data.min_segment_area,
                            cache=cache)
@@ -98,7 +98,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, shards_dir: str | Path, output: str | Path, resume: str | None = None,
                  device: str | None = None, overwrite: bool = False):
         self.cfg, self.output = cfg, Path(output)
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = shards_dir  # a folder or an s3:// / gs:// URL (a Path would mangle the URL)
         self.info: DistInfo = init_distributed(device)
         self.device = self.info.device
         # Inputs first, on every rank and before anyone writes: a refused start leaves nothing behind.
