@@ -69,7 +69,7 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
                        description="Write OUTPUT/KEY.png for each sample: its segments as coloured masks with "
                                    "outlines, labels beside them (leader lines where crowded) and a legend of "
                                    "every segment's texts.")
-    p.add_argument("dir", type=Path, help="shard directory")
+    p.add_argument("dir", type=_location, help="shard directory, or an s3:// / gs:// prefix")
     p.add_argument("--output", "--out", dest="output", type=Path, required=True,
                    help="output directory for the PNGs (--out is an alias)")
     p.add_argument("--limit", type=_positive, default=None, help="render only the first N samples")
@@ -80,7 +80,7 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
                        description="Write SITE/index.html and its data: a paginated grid of samples with their "
                                    "masks, segment texts on hover/click, text search, source and area filters, "
                                    "stats histograms and failures. Opens from disk; no server or network.")
-    p.add_argument("dir", type=Path, help="shard directory")
+    p.add_argument("dir", type=_location, help="shard directory, or an s3:// / gs:// prefix")
     p.add_argument("--output", "--out", dest="output", type=Path, required=True,
                    help="site directory, index.html is written there (--out is an alias)")
     p.add_argument("--limit", type=_positive, default=None, help="only the first N samples")
@@ -136,7 +136,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .overlay import inspect
     from .writer import list_shards
 
-    if not (args.dir.is_file() or list_shards(args.dir)):
+    if not ((isinstance(args.dir, Path) and args.dir.is_file()) or list_shards(args.dir)):
         log.error("no shards (*-NNNNNN.tar) in %s", args.dir)
         return 2
     paths = inspect(args.dir, args.output, limit=args.limit, progress=not args.no_progress)

@@ -98,6 +98,18 @@ def test_training_reads_the_bucket(job, tmp_path):
     assert len(runs["bucket"]) == 3 and runs["bucket"] == runs["disk"]
 
 
+def test_inspect_and_browse_a_bucket(job, tmp_path, capsys):
+    bucket, out = job
+    _finished(bucket, out)
+    assert shards_cli.main(["inspect", out, "--output", str(tmp_path / "png"), "--limit", "5", "--no-progress"]) == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == 5
+    assert shards_cli.main(["browse", out, "--output", str(tmp_path / "site"), "--no-progress"]) == 0
+    assert "wrote a browser of" in capsys.readouterr().out
+    written = len(done_keys(out)[0])
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert len(list((tmp_path / "site" / "images").glob("*.jpg"))) == written > 0
+
+
 def test_feature_cache_of_bucket_shards_is_a_local_folder(job, tmp_path, capsys):
     """``cache-features`` and training from the cache on shards in a bucket: the cache goes to a local
     folder that must be named (the default, beside the shards, is not a folder here)."""

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .. import storage
 from ..image import ImageDecodeError
 from ..reader import iter_samples
 from ..stats import summarize
@@ -75,8 +76,9 @@ def _histogram(values: list[float], bins: list[float] | None = None) -> dict[str
 
 
 def build_site(directory: str | Path, out: str | Path, *, limit: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Write the site for the shards in ``directory``; returns ``{samples, segments, bytes, path}``."""
-    directory, out = Path(directory), Path(out)
+    """Write the site for the shards in ``directory`` (a folder or an ``s3://`` / ``gs://`` prefix); returns
+    ``{samples, segments, bytes, path}``."""
+    directory, out = (directory if storage.is_remote(directory) else Path(directory)), Path(out)
     tars = list_shards(directory)
     if not tars:
         raise FileNotFoundError(f"no shards (*-NNNNNN.tar) in {directory}")
@@ -137,7 +139,7 @@ def build_site(directory: str | Path, out: str | Path, *, limit: int | None = No
         for seg in s["g"]:
             text_sources.update(sources[t[1]] for t in seg[3])
     data = {
-        "title": directory.name, "chunk": CHUNK, "sources": sources, "samples": samples, "failures": failures,
+        "title": storage.basename(directory), "chunk": CHUNK, "sources": sources, "samples": samples, "failures": failures,
         "stats": {"shards": summary["shards"], "images": summary["images"], "segments": summary["segments"],
                   "texts": summary["texts"], "failures": summary["failures"], "shown": len(samples),
                   "unreadable": bad_samples, "bytes": summary["bytes"]},
