@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from evaluation.tiny_sam import build_tiny_segment_anything  # noqa: F401  (the reference SAM, shared with benchmarks)
+
 #: LLaVA-1.5's chat template (llava-hf/llava-1.5-*-hf), so the tiny processor formats prompts the same way.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
@@ -147,43 +149,3 @@ def build_tiny_sam(directory: str | Path, image_size: int = 64) -> Path:
     from evaluation.tiny_sam import build_tiny_sam as build
 
     return build(directory, image_size=image_size, seed=0)
-
-
-def build_tiny_segment_anything(image_size: int = 256, decoder_heads: int = 8, seed: int = 0,
-                                logit_gain: float = 1.0):
-    """A randomly initialised segment-anything ``Sam`` (the reference implementation), small enough for CPU tests.
-
-    Built like ``segment_anything.build_sam._build_sam`` (ViT image encoder with windowed and global
-    relative-position attention, prompt encoder, two-way transformer decoder) at width 32, 2 encoder
-    blocks, ``image_size`` input (patch 16). Random decoders give logits near 0; ``logit_gain``
-    scales the mask hypernetworks' last layer so that masks are confident enough for SAM's
-    stability filter to keep some, and the decoder's two 2x2 transposed convolutions get one weight
-    per kernel (their mean), so masks are blocks of the embedding grid instead of a random 4x4
-    checkerboard that spans the whole image (weight changes, the same on both sides of a comparison).
-    """
-    from functools import partial
-
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    torch.manual_seed(seed)
-    dim = 32
-    sam = Sam(
-        image_encoder=ImageEncoderViT(depth=2, embed_dim=dim, img_size=image_size, mlp_ratio=4,
-                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
-                                      qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=4,
-                                      out_chans=dim),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(image_size // 16, image_size // 16),
-                                     input_image_size=(image_size, image_size), mask_in_chans=4),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64,
-                                                               num_heads=decoder_heads),
-                                 transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
-    )
-    with torch.no_grad():
-        for conv in (sam.mask_decoder.output_upscaling[0], sam.mask_decoder.output_upscaling[3]):
-            conv.weight.copy_(conv.weight.mean(dim=(2, 3), keepdim=True).expand_as(conv.weight))
-        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(logit_gain)
-            mlp.layers[-1].bias.mul_(logit_gain)
-    return sam.eval()
