@@ -22,7 +22,8 @@ crops (it runs one NMS over everything), the small-region clean-up (it has none)
 embedded in batches. Where it differs from segment-anything itself: the image is resized by
 transformers' ``SamImageProcessor`` (bilinear on a tensor, vs PIL bilinear on uint8), which moves
 some pixel values by one grey level, masks are decoded in slices bounded by
-``mask_pixel_budget``, and only masks that pass the predicted-IoU filter are upscaled; ``tests/test_sam_reference.py`` shows the proposals still equal the reference.
+``mask_pixel_budget``, and only masks that pass the predicted-IoU filter are upscaled;
+``tests/test_sam_reference.py`` shows the proposals still equal the reference.
 
 Masks leave as COCO RLE (``shards.rle``); each proposal is the reference's record:
 ``{"rle", "bbox", "area", "predicted_iou", "stability_score", "point_coords", "crop_box"}``, with
@@ -132,9 +133,11 @@ class MaskGenerator:
                                       points=points[sel][:, None], multimask=True, upscale=False)
             low, iou = low.flatten(0, 1), iou.flatten(0, 1)
             pts = torch.as_tensor(points[sel]).repeat_interleave(3, dim=0)
-            # The predicted-IoU filter does not look at the mask: only the masks it keeps are upscaled
-            # (segment-anything upscales every mask first; same result, most masks fail this filter).
-            idx = (iou > cfg.pred_iou_thresh).nonzero()[:, 0] if cfg.pred_iou_thresh > 0 else torch.arange(len(iou), device=iou.device)
+            # The predicted-IoU filter does not look at the mask, so only the masks it keeps are upscaled
+            # (segment-anything upscales every mask first: same result, more work).
+            idx = torch.arange(len(iou), device=iou.device)
+            if cfg.pred_iou_thresh > 0:
+                idx = idx[iou > cfg.pred_iou_thresh]
             logits = upscale_logits(self.processor, low[idx][:, None], size, reshaped)[:, 0]
             del low
             stability = stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
